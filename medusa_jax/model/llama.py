@@ -1,0 +1,264 @@
+"""The Llama-family decoder (Llama-2/3, Vicuna, Mistral, Qwen2, SmolLM2) as Flax linen modules.
+
+Pure functions of ``(params, tokens, positions, cache, chunk_mask)``. Parameters carry logical
+axis names (``medusa_jax.sharding`` maps them onto a mesh). With ``cfg.scan_layers`` the decoder
+layers are one ``nn.scan`` (parameters stacked on a leading ``layers`` axis; compile time flat in
+depth); otherwise they are unrolled ``layers_{i}`` (faster single-token decoding on CPU, where a
+scan slices the stacked weights every step). ``stack_layers``/``unstack_layers`` convert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.config import ModelConfig
+from medusa_jax.model.cache import KVCache, attention_mask, write_chunk
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _param(mod: nn.Module, name: str, shape, axes, cfg: ModelConfig, init=_INIT):
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """``[H/2]`` inverse frequencies with the configured scaling (default, linear, llama3)."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "linear":
+        inv = inv / rs.factor
+    elif rs.rope_type == "llama3":
+        old = rs.original_max_position_embeddings
+        low_wl, high_wl = old / rs.low_freq_factor, old / rs.high_freq_factor
+        wl = 2 * math.pi / inv
+        scaled = np.where(wl > low_wl, inv / rs.factor, inv)
+        smooth = (old / wl - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wl < high_wl) & ~(wl > low_wl)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half rotary embedding. ``x: [B, T, N, H]``, ``positions: [B, T]``."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), self.cfg, nn.initializers.ones)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.cfg.dtype))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
+        """``x: [B, T, D]``, ``mask: [B, T, S]``; with ``cache_kv=(k, v)`` (``[B, S, K, H]``) the
+        new keys/values are written at ``starts: [B]`` and attention runs over the cache."""
+        cfg = self.cfg
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        dt = jnp.dtype(cfg.dtype)
+        wq = _param(self, "q_proj", (D, N, H), ("embed", "heads", "head_dim"), cfg)
+        wk = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+        wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+        wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), cfg)
+        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))  # [B, T, N, H]
+        k = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt))  # [B, T, K, H]
+        v = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt))  # [B, T, K, H]
+        if cfg.attention_bias:
+            zeros = nn.initializers.zeros
+            q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), cfg, zeros).astype(dt)
+            k = k + _param(self, "k_bias", (K, H), ("kv_heads", "head_dim"), cfg, zeros).astype(dt)
+            v = v + _param(self, "v_bias", (K, H), ("kv_heads", "head_dim"), cfg, zeros).astype(dt)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+
+        new_kv = None
+        if cache_kv is not None:
+            ck = write_chunk(cache_kv[0], k, starts)  # [B, S, K, H]
+            cv = write_chunk(cache_kv[1], v, starts)
+            new_kv, k, v = (ck, cv), ck.astype(dt), cv.astype(dt)
+
+        B, T = x.shape[:2]
+        qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / math.sqrt(H)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        wg = _param(self, "gate_proj", (D, F), ("embed", "mlp"), cfg)
+        wu = _param(self, "up_proj", (D, F), ("embed", "mlp"), cfg)
+        wd = _param(self, "down_proj", (F, D), ("mlp", "embed"), cfg)
+        g, u = x @ wg.astype(dt), x @ wu.astype(dt)  # [B, T, F]
+        if cfg.mlp_bias:
+            zeros = nn.initializers.zeros
+            g = g + _param(self, "gate_bias", (F,), ("mlp",), cfg, zeros).astype(dt)
+            u = u + _param(self, "up_bias", (F,), ("mlp",), cfg, zeros).astype(dt)
+        h = nn.with_logical_constraint(jax.nn.silu(g) * u, ("batch", "length", "mlp"))
+        y = h @ wd.astype(dt)
+        if cfg.mlp_bias:
+            y = y + _param(self, "down_bias", (D,), ("embed",), cfg, nn.initializers.zeros).astype(dt)
+        return y
+
+
+class Block(nn.Module):
+    """One decoder layer; ``__call__`` has the scan-carry signature ``(carry, layer_idx)``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer_idx):
+        x, kc, vc, positions, mask, starts = carry
+        cache_kv = None
+        if kc is not None:  # kc, vc: [L, B, S, K, H]; this layer's slice is updated in place
+            cache_kv = (kc[layer_idx], vc[layer_idx])
+        h, new_kv = Attention(self.cfg, name="attn")(
+            RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_kv, starts
+        )
+        x = x + h
+        x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if new_kv is not None:
+            kc = jax.lax.dynamic_update_index_in_dim(kc, new_kv[0], layer_idx, 0)
+            vc = jax.lax.dynamic_update_index_in_dim(vc, new_kv[1], layer_idx, 0)
+        return (x, kc, vc, positions, mask, starts), None
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LlamaModel(nn.Module):
+    """The decoder. ``__call__`` returns final-normed hidden states ``[B, T, D]`` and the cache;
+    ``logits`` maps hidden states to ``[.., V]`` float32 logits (tied or separate head)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")),
+        )
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg)
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(_INIT, ("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype),
+            )
+
+    def __call__(self, tokens, positions=None, cache: KVCache | None = None, chunk_mask=None):
+        """``tokens, positions: [B, T]``. Without a cache: a training forward (causal, or
+        ``chunk_mask: [B, T, T]`` e.g. for packed segments). With a cache: the tokens are written
+        at each row's length and attend to the committed prefix plus ``chunk_mask`` (``[T, T]``,
+        causal when None) among themselves; ``cache.lengths`` is not advanced."""
+        cfg = self.cfg
+        B, T = tokens.shape
+        if positions is None:
+            base = cache.lengths[:, None] if cache is not None else 0
+            positions = base + jnp.arange(T, dtype=jnp.int32)[None, :]
+        x = self.embed(tokens)  # [B, T, D]
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if cache is None:
+            causal = jnp.tril(jnp.ones((T, T), bool))[None]
+            mask = causal if chunk_mask is None else causal & chunk_mask
+            mask = jnp.broadcast_to(mask, (B, T, T))
+            kc = vc = starts = None
+        else:
+            mask = attention_mask(cache.lengths, T, cache.max_len, chunk_mask)  # [B, T, S]
+            kc, vc, starts = cache.k, cache.v, cache.lengths
+        carry = (x, kc, vc, positions, mask, starts)
+        if cfg.scan_layers:
+            carry, _ = self.layers(carry, jnp.arange(cfg.num_layers))
+        else:
+            for i, layer in enumerate(self.layers):
+                carry, _ = layer(carry, i)
+        x, kc, vc = carry[:3]
+        if cache is not None:
+            cache = cache.replace(k=kc, v=vc)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden):
+        """``hidden: [..., D]`` -> float32 logits ``[..., V]``."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed.attend(hidden).astype(jnp.float32)
+        return (hidden @ self.lm_head.astype(hidden.dtype)).astype(jnp.float32)
+
+    def embed_tokens(self, tokens):
+        return self.embed(tokens)
+
+
+def init_params(cfg: ModelConfig, rng=None) -> dict:
+    """Random parameters (unboxed) for ``cfg`` — for tests and fresh models."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    model = LlamaModel(cfg)
+    variables = model.init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """``layers_{i}`` -> one ``layers`` tree with a leading layer axis (for ``scan_layers``)."""
+    if "layers" in params:
+        return params
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per = [params[f"layers_{i}"] for i in range(num_layers)]
+    stack = np.stack if isinstance(jax.tree.leaves(per[0])[0], np.ndarray) else jnp.stack
+    out["layers"] = jax.tree.map(lambda *xs: stack(xs), *per)
+    return out
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """The inverse of ``stack_layers`` (numpy slices are views: no copy)."""
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out
+
+
+def convert_layout(params: dict, cfg: ModelConfig) -> dict:
+    """Bring base params to the layer layout ``cfg.scan_layers`` expects."""
+    if cfg.scan_layers:
+        return stack_layers(params, cfg.num_layers)
+    return unstack_layers(params, cfg.num_layers)

