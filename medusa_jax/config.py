@@ -267,3 +267,41 @@ def tiny_config(**overrides) -> ModelConfig:
     )
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaConfig:
+    """``num_heads`` heads (M), each ``num_layers`` ResBlocks then a vocab projection: the base
+    model's LM head (``shared_lm_head``, the default) or the head's own ``[D, V]`` matrix."""
+
+    num_heads: int = 4
+    num_layers: int = 1
+    hidden_size: int = 576
+    vocab_size: int = 49152
+    shared_lm_head: bool = True
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        _check(isinstance(self.num_heads, int) and self.num_heads >= 1,
+               f"medusa num_heads must be an integer >= 1, got {self.num_heads!r}")
+        _check(isinstance(self.num_layers, int) and self.num_layers >= 0,
+               f"medusa num_layers must be an integer >= 0, got {self.num_layers!r}")
+        _check(self.hidden_size > 0 and self.vocab_size > 0,
+               f"medusa hidden_size/vocab_size must be > 0, got {self.hidden_size}/{self.vocab_size}")
+        _check(self.param_dtype in DTYPES, f"medusa param_dtype={self.param_dtype!r} not in {DTYPES}")
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, **kw) -> MedusaConfig:
+        return cls(hidden_size=model.hidden_size, vocab_size=model.vocab_size, **kw)
+
+    def check_compatible(self, model: ModelConfig) -> None:
+        """Refuse heads built for another model (hidden size or vocabulary)."""
+        _check(self.hidden_size == model.hidden_size,
+               f"Medusa heads have hidden size {self.hidden_size} but the base model has "
+               f"{model.hidden_size}: these heads were trained for another model")
+        _check(self.vocab_size == model.vocab_size,
+               f"Medusa heads have vocab size {self.vocab_size} but the base model has "
+               f"{model.vocab_size}: these heads were trained for another model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

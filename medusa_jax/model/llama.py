@@ -262,3 +262,8 @@ def convert_layout(params: dict, cfg: ModelConfig) -> dict:
     if cfg.scan_layers:
         return stack_layers(params, cfg.num_layers)
     return unstack_layers(params, cfg.num_layers)
+
+
+def lm_head_weight(params: dict, cfg: ModelConfig):
+    """The base model's output projection as ``[D, V]`` (the transposed embedding when tied)."""
+    return params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]

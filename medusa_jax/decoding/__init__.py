@@ -1,0 +1,1 @@
+"""Decoding: sampling, the vanilla loop, acceptance rules and the Medusa tree loop."""

@@ -1,0 +1,116 @@
+"""Prompt batching, validation and the host-side driver shared by the decoding loops."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.config import ModelConfig
+from medusa_jax.decoding.sampling import SamplingConfig
+from medusa_jax.model.llama import LlamaModel
+
+PROMPT_BUCKET_MIN = 16
+
+
+class GenerationError(ValueError):
+    """Bad generation input (empty prompt, too long for the cache or the context, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Static settings of one compiled loop."""
+
+    max_new_tokens: int = 128
+    sampling: SamplingConfig = SamplingConfig()
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+
+
+def bucket(n: int, minimum: int = PROMPT_BUCKET_MIN) -> int:
+    """Round a length up to a power of two (then multiples of 256) so few shapes compile."""
+    b = minimum
+    while b < n and b < 256:
+        b *= 2
+    return b if b >= n else -(-n // 256) * 256
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to a bucketed length: ``tokens [B, Tp]``, ``lengths [B]``."""
+    if len(prompts) == 0:
+        raise GenerationError("no prompts given")
+    lens = np.array([len(p) for p in prompts], np.int32)
+    for i, n in enumerate(lens):
+        if n == 0:
+            raise GenerationError(f"prompt {i} is empty: give at least one token")
+    Tp = bucket(int(lens.max()))
+    toks = np.full((len(prompts), Tp), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p)] = np.asarray(p, np.int32)
+    return toks, lens
+
+
+def check_lengths(cfg: ModelConfig, prompt_len: int, max_new_tokens: int, extra: int = 0,
+                  cache_len: int | None = None) -> int:
+    """Validate that prompt + new tokens (+ ``extra`` scratch slots, e.g. a Medusa tree) fit the
+    model's context and the cache; return the cache length to allocate."""
+    need = prompt_len + max_new_tokens
+    if need > cfg.max_position_embeddings:
+        raise GenerationError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = {need} exceeds the "
+            f"model's context of {cfg.max_position_embeddings} tokens"
+        )
+    want = bucket(prompt_len) + max_new_tokens + extra
+    want = -(-want // 64) * 64
+    if cache_len is None:
+        return want
+    if prompt_len + max_new_tokens + extra > cache_len:
+        raise GenerationError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})"
+            + (f" + {extra} tree slots" if extra else "")
+            + f" does not fit the KV cache of {cache_len} slots"
+        )
+    return cache_len
+
+
+def prefill(model: LlamaModel, params, tokens, prompt_lens, cache):
+    """Run the prompts through the model. Returns the final hidden state at each row's last
+    prompt token ``[B, D]`` and the cache advanced to ``prompt_lens``."""
+    hidden, cache = model.apply({"params": params}, tokens, cache=cache)  # [B, Tp, D]
+    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    return last, cache.advance(prompt_lens)
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+def drive(step_fn: Callable, state, limit: int, chunk: int | None,
+          on_chunk: Callable | None = None):
+    """Advance a decode ``state`` with ``step_fn(state, stop_step)`` until ``state.finished``.
+
+    ``chunk=None`` runs the whole loop on device in one call; otherwise the loop returns to the
+    host every ``chunk`` steps so ``on_chunk(state)`` can stream text (same compiled function)."""
+    if chunk is None:
+        return step_fn(state, jnp.int32(limit))
+    stop = 0
+    while True:
+        stop = min(stop + chunk, limit)
+        state = step_fn(state, jnp.int32(stop))
+        if on_chunk is not None:
+            on_chunk(state)
+        if stop >= limit or bool(state.finished()):
+            return state
+
+
+def trim_outputs(out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:
+    return [out[b, : int(n_out[b])].tolist() for b in range(out.shape[0])]

@@ -1,0 +1,237 @@
+"""Medusa tree decoding: one jitted, static-shape ``lax.while_loop``.
+
+Each step, per row: root token from the base logits at the last accepted position; the heads'
+top-k at that position; tree tokens gathered from ``[root, head0 top-k, head1 top-k, ...]``; one
+verification forward over all ``T`` tree nodes (static tree mask, positions = length + depth);
+the acceptance rule picks a path and ``n`` tokens; their K/V slots are compacted into the cache;
+the next step's root logits and head inputs are the accepted leaf's (no extra forward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.decoding.acceptance import greedy_accept, typical_accept
+from medusa_jax.decoding.common import (
+    GenerationError,
+    GenerationSettings,
+    check_lengths,
+    drive,
+    is_eos,
+    pad_prompts,
+    prefill,
+    trim_outputs,
+)
+from medusa_jax.decoding.sampling import sample
+from medusa_jax.model.cache import KVCache
+from medusa_jax.model.heads import MedusaHeads, head_logits
+from medusa_jax.model.llama import LlamaModel
+from medusa_jax.tree import TreeBuffers, build_tree, get_tree
+
+ACCEPTANCE_RULES = ("greedy", "typical")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaSettings:
+    """Static settings of one compiled Medusa loop (hashable: the tree is a tuple of paths)."""
+
+    gen: GenerationSettings = GenerationSettings()
+    choices: tuple[tuple[int, ...], ...] = ()
+    acceptance: str = "greedy"
+    posterior_threshold: float = 0.09
+    posterior_alpha: float = 0.3
+
+    def __post_init__(self):
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise GenerationError(
+                f"acceptance={self.acceptance!r} is not one of {', '.join(ACCEPTANCE_RULES)}")
+        if self.acceptance == "typical" and not 0 < self.posterior_threshold <= 1:
+            raise GenerationError(f"posterior_threshold must be in (0, 1], got {self.posterior_threshold}")
+        if self.acceptance == "typical" and not self.posterior_alpha > 0:
+            raise GenerationError(f"posterior_alpha must be > 0, got {self.posterior_alpha}")
+        object.__setattr__(self, "choices", tuple(tuple(int(r) for r in c) for c in self.choices))
+
+    @property
+    def tree(self) -> TreeBuffers:
+        return _tree(self.choices)
+
+
+@functools.lru_cache(maxsize=64)
+def _tree(choices) -> TreeBuffers:
+    return build_tree([list(c) for c in choices])
+
+
+def make_settings(tree, num_heads: int, gen: GenerationSettings, **kw) -> MedusaSettings:
+    """Validate a tree (name, JSON file or list of paths) against the heads and build settings."""
+    choices = get_tree(tree)
+    build_tree(choices, num_heads=num_heads)  # raises TreeError with a clear message
+    return MedusaSettings(gen=gen, choices=tuple(tuple(c) for c in choices), **kw)
+
+
+@struct.dataclass
+class MedusaState:
+    cache: KVCache
+    logits: jax.Array  # [B, V] base logits at the last accepted position
+    hidden: jax.Array  # [B, D] base hidden state there (the heads' input)
+    out: jax.Array  # [B, max_new]
+    n_out: jax.Array  # [B]
+    done: jax.Array  # [B]
+    rng: jax.Array
+    step: jax.Array  # scalar: verification steps so far
+    row_steps: jax.Array  # [B] steps each row was live for
+    hist: jax.Array  # [B, depth + 2] histogram of accepted lengths (index = tokens accepted)
+
+    def finished(self):
+        return jnp.all(self.done)
+
+
+@functools.lru_cache(maxsize=32)
+def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int):
+    """The default proposer: the heads' top-k at the last accepted position ``[B, M, k]``."""
+
+    def propose(params, hidden, state):
+        model = LlamaModel(base_cfg)
+        hh = MedusaHeads(mcfg, dtype=base_cfg.dtype).apply({"params": params["medusa"]}, hidden)
+
+        def base_proj(x):
+            return model.apply({"params": params["base"]}, x, method=LlamaModel.logits)
+
+        lg = head_logits(mcfg, params["medusa"], hh, base_proj)  # [B, M, V]
+        return jax.lax.top_k(lg, topk)[1].astype(jnp.int32)
+
+    return propose
+
+
+def _append_many(out, n_out, done, toks, n, eos_ids, max_new):
+    """Append the first ``n[b]`` of ``toks: [B, P]`` to each live row, stopping after EOS."""
+    B, P = toks.shape
+    j = jnp.arange(P)[None, :]
+    eos = is_eos(toks, eos_ids) & (j < n[:, None])
+    first_eos = jnp.where(eos.any(-1), jnp.argmax(eos, axis=-1) + 1, P + 1)  # [B]
+    take = jnp.minimum(jnp.minimum(n, first_eos), max_new - n_out)
+    take = jnp.where(done, 0, take)
+    # entries not written go out of bounds and are dropped (clipping would collide)
+    idx = jnp.where(j < take[:, None], n_out[:, None] + j, max_new)
+    out = out.at[jnp.arange(B)[:, None], idx].set(toks, mode="drop")
+    n_out = n_out + take
+    done = done | (first_eos <= n) | (n_out >= max_new)
+    return out, n_out, done, take
+
+
+def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings, propose):
+    tree = settings.tree
+    T, depth = tree.num_nodes, tree.depth
+    model = LlamaModel(cfg)
+    sc = settings.gen.sampling
+    rng, k_root = jax.random.split(s.rng)
+    if settings.acceptance == "greedy" or sc.greedy:
+        root = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)  # [B]
+    else:
+        root = sample(s.logits, k_root, sc)
+    B = root.shape[0]
+    cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
+    flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
+    tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
+
+    positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
+    hidden, cache = model.apply({"params": params["base"]}, tree_tokens, positions, s.cache,
+                                np.asarray(tree.attn_mask))  # [B, T, D]
+    logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)  # [B, T, V]
+
+    if settings.acceptance == "greedy" or sc.greedy:
+        best, n = greedy_accept(tree_tokens, logits, tree)
+    else:
+        best, n = typical_accept(tree_tokens, logits, tree, sc.temperature,
+                                 settings.posterior_threshold, settings.posterior_alpha)
+    path = jnp.take(np.asarray(tree.retrieve_indices), best, axis=0)  # [B, depth+1]
+    path = jnp.where(path >= 0, path, 0)
+    toks = jnp.take_along_axis(tree_tokens, path, axis=1)  # [B, depth+1]
+    live = ~s.done
+    out, n_out, done, _ = _append_many(s.out, s.n_out, s.done, toks, n, settings.gen.eos_token_ids,
+                                       settings.gen.max_new_tokens)
+    cache = cache.commit_slots(path, jnp.where(live, n, 0))
+    leaf = jnp.take_along_axis(path, (n - 1)[:, None], axis=1)  # [B, 1]
+    new_logits = jnp.take_along_axis(logits, leaf[:, :, None], axis=1)[:, 0]
+    new_hidden = jnp.take_along_axis(hidden, leaf[:, :, None], axis=1)[:, 0]
+    hist = s.hist.at[jnp.arange(B), n].add(live.astype(jnp.int32))
+    return MedusaState(cache, new_logits, new_hidden, out, n_out, done, rng, s.step + 1,
+                       s.row_steps + live.astype(jnp.int32), hist)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_len"))
+def _medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
+                    settings: MedusaSettings, cache_len: int) -> MedusaState:
+    model = LlamaModel(cfg)
+    B = tokens.shape[0]
+    cache = KVCache.init(cfg, B, cache_len)
+    hidden, cache = prefill(model, params["base"], tokens, prompt_lens, cache)
+    logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)
+    depth = settings.tree.depth
+    return MedusaState(
+        cache, logits, hidden,
+        out=jnp.full((B, settings.gen.max_new_tokens), settings.gen.pad_token_id, jnp.int32),
+        n_out=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), rng=rng,
+        step=jnp.int32(0), row_steps=jnp.zeros((B,), jnp.int32),
+        hist=jnp.zeros((B, depth + 2), jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "settings", "propose"),
+                   donate_argnames=("state",))
+def _medusa_decode(params, state: MedusaState, stop_step, *, cfg: ModelConfig,
+                   settings: MedusaSettings, propose) -> MedusaState:
+    def cond(s):
+        return (s.step < stop_step) & ~jnp.all(s.done)
+
+    body = functools.partial(_step, params, cfg=cfg, settings=settings, propose=propose)
+    return jax.lax.while_loop(cond, body, state)
+
+
+def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Sequence[Sequence[int]],
+                    settings: MedusaSettings, seed: int = 0, cache_len: int | None = None,
+                    stream_every: int | None = None, on_chunk: Callable | None = None,
+                    propose: Callable | None = None) -> dict:
+    """Medusa generation for token-id prompts. ``params = {"base": ..., "medusa": ...}``.
+
+    Returns ``tokens`` (lists), ``steps`` (verification steps per row), ``mean_accepted``
+    (tokens per step per row), ``accept_hist`` (``[B, depth+2]``: steps that accepted ``i``
+    tokens) and ``head_accept`` (``[B, depth]``: steps where head ``k``'s guess was accepted).
+    ``stream_every=n`` returns to the host every ``n`` steps and calls
+    ``on_chunk(out, n_out)``."""
+    tree = settings.tree
+    mcfg.check_compatible(cfg)
+    if tree.depth > mcfg.num_heads:
+        raise GenerationError(
+            f"tree depth {tree.depth} needs at least {tree.depth} Medusa heads, the model has "
+            f"{mcfg.num_heads}")
+    tokens, lens = pad_prompts(prompts, settings.gen.pad_token_id)
+    max_new = settings.gen.max_new_tokens
+    extra = tree.num_nodes + tree.depth
+    cache_len = check_lengths(cfg, int(lens.max()), max_new, extra=extra, cache_len=cache_len)
+    cache_len = max(cache_len, tokens.shape[1], int(lens.max()) + max_new + extra)
+    state = _medusa_prefill(params, jnp.asarray(tokens), jnp.asarray(lens),
+                            jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                            cache_len=cache_len)
+    propose = propose or heads_proposer(mcfg, cfg, tree.topk)
+    step = functools.partial(_medusa_decode, params, cfg=cfg, settings=settings, propose=propose)
+    cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
+    state = drive(step, state, max_new, stream_every, cb)
+    out, n_out = np.asarray(state.out), np.asarray(state.n_out)
+    hist, row_steps = np.asarray(state.hist), np.asarray(state.row_steps)
+    # head k's guess was accepted in every step that accepted more than k + 1 tokens
+    head_accept = np.stack([hist[:, k + 2:].sum(-1) for k in range(tree.depth)], axis=-1)
+    return {
+        "tokens": trim_outputs(out, n_out),
+        "steps": row_steps.tolist(),
+        "mean_accepted": ((hist * np.arange(hist.shape[1])).sum(-1) / np.maximum(row_steps, 1)).tolist(),
+        "accept_hist": hist,
+        "head_accept": head_accept,
+    }
