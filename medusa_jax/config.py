@@ -148,6 +148,7 @@ class ModelConfig:
                 hf = json.load(f)
         elif not isinstance(hf, dict):
             hf = hf.to_dict()
+        hf = normalize_hf_config(hf)
         archs = hf.get("architectures") or []
         arch = archs[0] if archs else _MODEL_TYPES.get(hf.get("model_type", ""), None)
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -256,6 +257,23 @@ class ModelConfig:
         )
         kw.update(overrides)
         return cls(**kw)
+
+
+def normalize_hf_config(hf: dict) -> dict:
+    """Bring a ``config.json`` dict to the keys ``ModelConfig.from_hf_config`` reads.
+
+    transformers >= 5 writes ``rope_parameters: {rope_theta, rope_type, ...}`` instead of the
+    top-level ``rope_theta`` / ``rope_scaling``; without this the rope base would silently fall
+    back to its default.
+    """
+    hf = dict(hf)
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, dict) and ("rope_type" in rp or "rope_theta" in rp):
+        if hf.get("rope_theta") is None and "rope_theta" in rp:
+            hf["rope_theta"] = rp["rope_theta"]
+        if not hf.get("rope_scaling") and rp.get("rope_type", "default") != "default":
+            hf["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    return hf
 
 
 def tiny_config(**overrides) -> ModelConfig:

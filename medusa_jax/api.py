@@ -1,0 +1,195 @@
+"""The notebook-level API: load a model (and optionally Medusa heads) once, generate text.
+
+    lm = MedusaLM.load()                       # default SmolLM2-135M-Instruct (+ shipped heads)
+    out = lm.generate(["Tell me a joke."], max_new_tokens=64)
+    out = lm.generate(["..."], medusa=False)   # plain decoding, same weights
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.decoding.common import GenerationError, GenerationSettings
+from medusa_jax.decoding.medusa import make_settings, medusa_generate
+from medusa_jax.decoding.sampling import SamplingConfig
+from medusa_jax.decoding.vanilla import generate as vanilla_generate
+from medusa_jax.model.llama import convert_layout
+
+
+@dataclasses.dataclass
+class Generation:
+    """One prompt's result."""
+
+    text: str
+    token_ids: list[int]
+    num_new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    prompt_tokens: int
+    steps: int | None = None
+    mean_accepted: float | None = None
+    accept_hist: list[int] | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+class MedusaLM:
+    """A base model, its tokenizer and (optionally) Medusa heads, ready to generate."""
+
+    def __init__(self, cfg: ModelConfig, base_params, tokenizer=None,
+                 mcfg: MedusaConfig | None = None, medusa_params=None,
+                 eos_token_ids: tuple[int, ...] | None = None):
+        self.cfg = cfg
+        self.params = {"base": jax.device_put(convert_layout(base_params, cfg))}
+        self.tokenizer = tokenizer
+        self.mcfg = None
+        if mcfg is not None:
+            self.set_heads(mcfg, medusa_params)
+        self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
+        if tokenizer is not None and eos_token_ids is None:
+            from medusa_jax.tokenizer import eos_token_ids as tok_eos
+
+            self.eos_token_ids = tok_eos(tokenizer, cfg.eos_token_ids)
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.pad_token_id = int(pad)
+
+    @classmethod
+    def load(cls, model: str | None = None, medusa: str | None = "default", dtype: str = "float32",
+             scan_layers: bool = False) -> MedusaLM:
+        """``model``: HF checkpoint dir or .gguf file (None = the default model). ``medusa``: a head
+        checkpoint (any supported layout), ``"default"`` (the heads shipped for the default
+        model, if any) or None."""
+        from medusa_jax.tokenizer import load_tokenizer
+        from medusa_jax.weights import load_base_model
+
+        cfg, base = load_base_model(model, dtype=dtype, scan_layers=scan_layers)
+        cfg = cfg.replace(dtype=dtype)  # compute in the dtype the weights were loaded in
+        tok = load_tokenizer(model)
+        lm = cls(cfg, base, tok)
+        if medusa == "default":
+            medusa = default_heads_path() if model is None else None
+        if medusa not in (None, "none"):
+            from medusa_jax.weights.medusa_io import load_heads
+
+            mcfg, mp = load_heads(medusa, base_cfg=cfg)
+            lm.set_heads(mcfg, mp)
+        return lm
+
+    def set_heads(self, mcfg: MedusaConfig | None, medusa_params=None) -> None:
+        """Attach (or with None, detach) Medusa heads."""
+        if mcfg is None:
+            self.mcfg = None
+            self.params.pop("medusa", None)
+            return
+        mcfg.check_compatible(self.cfg)
+        self.mcfg = mcfg
+        self.params["medusa"] = jax.device_put(medusa_params)
+
+    @property
+    def has_heads(self) -> bool:
+        return self.mcfg is not None
+
+    def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool = True) -> list[list[int]]:
+        from medusa_jax.tokenizer import encode_prompt
+
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise GenerationError("text prompts need a tokenizer; pass token ids instead")
+                try:
+                    out.append(encode_prompt(self.tokenizer, p, chat=chat))
+                except ValueError as e:
+                    raise GenerationError(f"prompt {i}: {e}") from None
+            else:
+                out.append([int(t) for t in p])
+        return out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                 medusa: bool | None = None, tree="default", acceptance: str = "greedy",
+                 posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
+                 chat: bool = True, stream: Callable[[int, str], None] | None = None,
+                 stream_every: int = 8) -> list[Generation]:
+        """Generate for a batch of prompts (text, or token-id lists). ``medusa=None`` uses the
+        heads when attached. ``stream(row, new_text)`` is called as text is produced."""
+        ids = self.encode(prompts, chat=chat)
+        sampling = SamplingConfig(temperature, top_p, top_k)
+        gen = GenerationSettings(max_new_tokens, sampling, self.eos_token_ids, self.pad_token_id)
+        use_medusa = self.has_heads if medusa is None else medusa
+        if use_medusa and not self.has_heads:
+            raise GenerationError("medusa=True but no Medusa heads are attached")
+        on_chunk, streamed = None, [0] * len(ids)
+        if stream is not None:
+            on_chunk = self._streamer(stream, streamed)
+        t0 = time.perf_counter()
+        if use_medusa:
+            st = make_settings(self.default_tree() if tree == "default" else tree,
+                               self.mcfg.num_heads, gen, acceptance=acceptance,
+                               posterior_threshold=posterior_threshold,
+                               posterior_alpha=posterior_alpha)
+            res = medusa_generate(self.cfg, self.mcfg, self.params, ids, st, seed=seed,
+                                  stream_every=stream_every if stream else None, on_chunk=on_chunk)
+        else:
+            res = vanilla_generate(self.cfg, self.params["base"], ids, gen, seed=seed,
+                                   stream_every=stream_every if stream else None,
+                                   on_chunk=on_chunk)
+        dt = time.perf_counter() - t0
+        if stream is not None:  # flush what the last chunk did not show
+            on_chunk(None, None, final=res["tokens"])
+        outs = []
+        for b, toks in enumerate(res["tokens"]):
+            g = Generation(
+                text=self.decode(toks), token_ids=toks, num_new_tokens=len(toks), seconds=dt,
+                tokens_per_second=sum(len(t) for t in res["tokens"]) / dt if dt > 0 else 0.0,
+                prompt_tokens=len(ids[b]),
+            )
+            if use_medusa:
+                g.steps = int(res["steps"][b])
+                g.mean_accepted = float(res["mean_accepted"][b])
+                g.accept_hist = np.asarray(res["accept_hist"][b]).tolist()
+            outs.append(g)
+        return outs
+
+    def default_tree(self):
+        """The tree shipped with the heads if any, else a small tree that suits a CPU."""
+        meta_tree = getattr(self, "heads_tree", None)
+        if meta_tree:
+            return meta_tree
+        from medusa_jax.tree import chain_tree
+
+        if jax.default_backend() == "cpu":
+            return [[0], [1], [0, 0], [0, 0, 0]][: max(1, self.mcfg.num_heads + 1)] \
+                if self.mcfg.num_heads >= 3 else chain_tree(self.mcfg.num_heads)
+        return "mc_sim_7b_63" if self.mcfg.num_heads >= 4 else chain_tree(self.mcfg.num_heads)
+
+    def decode(self, toks: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(toks), skip_special_tokens=True)
+
+    def _streamer(self, stream, shown):
+        def on_chunk(out, n_out, final=None):
+            rows = final if final is not None else [out[b, : n_out[b]].tolist() for b in range(len(shown))]
+            for b, toks in enumerate(rows):
+                text = self.decode(toks)
+                if len(text) > shown[b]:
+                    stream(b, text[shown[b]:])
+                    shown[b] = len(text)
+
+        return on_chunk
+
+
+def default_heads_path() -> str | None:
+    """The Medusa heads shipped inside the package for the default model, if present."""
+    import os
+
+    p = os.path.join(os.path.dirname(__file__), "assets", "heads", "smollm2-135m-instruct")
+    return p if os.path.isdir(p) else None

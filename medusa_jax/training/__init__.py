@@ -1,0 +1,1 @@
+"""Medusa head training: data pipeline, losses and the training loop."""
