@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.decoding.common import GenerationError, GenerationSettings
+from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationError, GenerationSettings
 from medusa_jax.decoding.medusa import make_settings, medusa_generate
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
@@ -32,6 +32,7 @@ class Generation:
     seconds: float
     tokens_per_second: float
     prompt_tokens: int
+    compile_seconds: float = 0.0
     steps: int | None = None
     mean_accepted: float | None = None
     accept_hist: list[int] | None = None
@@ -129,6 +130,7 @@ class MedusaLM:
         on_chunk, streamed = None, [0] * len(ids)
         if stream is not None:
             on_chunk = self._streamer(stream, streamed)
+        c0 = COMPILE_SECONDS[0]
         t0 = time.perf_counter()
         if use_medusa:
             st = make_settings(self.default_tree() if tree == "default" else tree,
@@ -141,7 +143,8 @@ class MedusaLM:
             res = vanilla_generate(self.cfg, self.params["base"], ids, gen, seed=seed,
                                    stream_every=stream_every if stream else None,
                                    on_chunk=on_chunk)
-        dt = time.perf_counter() - t0
+        compile_s = COMPILE_SECONDS[0] - c0
+        dt = time.perf_counter() - t0 - compile_s
         if stream is not None:  # flush what the last chunk did not show
             on_chunk(None, None, final=res["tokens"])
         outs = []
@@ -149,7 +152,7 @@ class MedusaLM:
             g = Generation(
                 text=self.decode(toks), token_ids=toks, num_new_tokens=len(toks), seconds=dt,
                 tokens_per_second=sum(len(t) for t in res["tokens"]) / dt if dt > 0 else 0.0,
-                prompt_tokens=len(ids[b]),
+                prompt_tokens=len(ids[b]), compile_seconds=round(compile_s, 3),
             )
             if use_medusa:
                 g.steps = int(res["steps"][b])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -114,3 +115,21 @@ def drive(step_fn: Callable, state, limit: int, chunk: int | None,
 
 def trim_outputs(out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:
     return [out[b, : int(n_out[b])].tolist() for b in range(out.shape[0])]
+
+
+_COMPILED: dict = {}
+COMPILE_SECONDS = [0.0]  # compile time spent so far in this process (reported, not timed)
+
+
+def compiled_call(fn, *args, **static):
+    """Call the jitted ``fn`` through an ahead-of-time compiled executable cached per static
+    settings and argument shapes, so compile time is measured apart from run time."""
+    leaves, treedef = jax.tree.flatten(args)
+    key = (fn, tuple(sorted(static.items())), treedef,
+           tuple((np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
+    exe = _COMPILED.get(key)
+    if exe is None:
+        t = time.perf_counter()
+        exe = _COMPILED[key] = fn.lower(*args, **static).compile()
+        COMPILE_SECONDS[0] += time.perf_counter() - t
+    return exe(*args)

@@ -24,6 +24,7 @@ from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
     check_lengths,
+    compiled_call,
     drive,
     is_eos,
     pad_prompts,
@@ -217,11 +218,15 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     extra = tree.num_nodes + tree.depth
     cache_len = check_lengths(cfg, int(lens.max()), max_new, extra=extra, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1], int(lens.max()) + max_new + extra)
-    state = _medusa_prefill(params, jnp.asarray(tokens), jnp.asarray(lens),
-                            jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                            cache_len=cache_len)
+    state = compiled_call(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                          cache_len=cache_len)
     propose = propose or heads_proposer(mcfg, cfg, tree.topk)
-    step = functools.partial(_medusa_decode, params, cfg=cfg, settings=settings, propose=propose)
+
+    def step(state, stop):
+        return compiled_call(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,
+                             propose=propose)
+
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
     state = drive(step, state, max_new, stream_every, cb)
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)

@@ -14,6 +14,7 @@ from medusa_jax.config import ModelConfig
 from medusa_jax.decoding.common import (
     GenerationSettings,
     check_lengths,
+    compiled_call,
     drive,
     is_eos,
     pad_prompts,
@@ -96,10 +97,13 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
     tokens, lens = pad_prompts(prompts, settings.pad_token_id)
     cache_len = check_lengths(cfg, int(lens.max()), settings.max_new_tokens, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1] + settings.max_new_tokens)
-    state = _vanilla_prefill(params, jnp.asarray(tokens), jnp.asarray(lens),
-                             jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                             cache_len=cache_len)
-    step = functools.partial(_vanilla_decode, params, cfg=cfg, settings=settings)
+    state = compiled_call(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                          cache_len=cache_len)
+
+    def step(state, stop):
+        return compiled_call(_vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
+
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
     state = drive(step, state, settings.max_new_tokens, stream_every, cb)
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)

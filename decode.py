@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Generate text with a base model, with or without Medusa heads.
+
+    python decode.py --prompt "Tell me about Paris."              # default model (+ shipped heads)
+    python decode.py --medusa none --prompt "..."                 # plain decoding
+    python decode.py --compare --prompts-file questions.jsonl    # vanilla vs Medusa, same prompts
+    echo "Hello" | python decode.py --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("prompts")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    src.add_argument("--prompts-file", help="JSONL: strings, or objects with 'prompt', 'text' or "
+                     "'turns' (first turn used, MT-bench style)")
+    src.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None, help="HF checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    m.add_argument("--medusa", default="default",
+                   help="Medusa heads dir (our format, original v1/v2 layout, or a Medusa-2 HF dir); "
+                        "'none' for plain decoding; 'default' = heads shipped for the default model")
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--tree", default="default", help="tree name (e.g. mc_sim_7b_63), JSON file, or 'default'")
+    g.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
+    g.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
+    g.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance delta")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    o.add_argument("--compare", action="store_true",
+                   help="run vanilla and Medusa on the same prompts; check greedy outputs agree")
+    o.add_argument("--no-stream", action="store_true", help="do not stream text to the terminal")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
+                if isinstance(rec, dict):
+                    rec = rec.get("prompt") or rec.get("text") or (rec.get("turns") or [None])[0]
+                if not isinstance(rec, str):
+                    raise ValueError(f"{args.prompts_file}:{n}: no prompt string found")
+                prompts.append(rec)
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt given: use --prompt, --prompts-file or standard input")
+    return prompts
+
+
+def _batches(items, n):
+    for i in range(0, len(items), n):
+        yield items[i: i + n]
+
+
+def run(args) -> int:
+    from medusa_jax.api import MedusaLM
+
+    prompts = read_prompts(args)
+    medusa = None if args.medusa in ("none", "") else args.medusa
+    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype)
+    if args.compare and not lm.has_heads:
+        raise ValueError("--compare needs Medusa heads (--medusa PATH)")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              top_k=args.top_k, seed=args.seed, tree=args.tree, acceptance=args.acceptance,
+              posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha,
+              chat=not args.raw)
+    stream_ok = sys.stdout.isatty() and not args.json and not args.no_stream and not args.compare
+    if args.compare:
+        return compare(lm, prompts, args, kw)
+    for batch in _batches(prompts, args.batch_size):
+        stream = None
+        if stream_ok and len(batch) == 1:
+            def stream(_row, text):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        outs = lm.generate(batch, stream=stream, **kw)
+        for prompt, o in zip(batch, outs):
+            if args.json:
+                print(json.dumps({"prompt": prompt, **o.to_dict()}), flush=True)
+            elif stream is not None:
+                print(f"\n[{o.num_new_tokens} tokens, {o.tokens_per_second:.1f} tok/s"
+                      + (f", {o.mean_accepted:.2f} accepted/step" if o.mean_accepted else "") + "]")
+            else:
+                print(o.text, flush=True)
+                print(f"[{o.num_new_tokens} tokens, {o.tokens_per_second:.1f} tok/s"
+                      + (f", {o.mean_accepted:.2f} accepted/step" if o.mean_accepted else "") + "]",
+                      file=sys.stderr)
+    return 0
+
+
+def compare(lm, prompts, args, kw) -> int:
+    """Vanilla and Medusa on the same prompts, interleaved batch by batch after a warm-up
+    (compile excluded); prints both speeds and the ratio."""
+    totals = {"vanilla": [0, 0.0], "medusa": [0, 0.0]}
+    mismatches, accepted, steps = 0, 0, 0
+    greedy = args.temperature == 0
+    t0 = time.perf_counter()
+    for batch in _batches(prompts, args.batch_size):
+        for use in (False, True):  # compile this shape once for each loop
+            lm.generate(batch, medusa=use, **kw)
+        break
+    compile_s = time.perf_counter() - t0
+    for batch in _batches(prompts, args.batch_size):
+        van = lm.generate(batch, medusa=False, **kw)
+        med = lm.generate(batch, medusa=True, **kw)
+        for name, outs in (("vanilla", van), ("medusa", med)):
+            totals[name][0] += sum(o.num_new_tokens for o in outs)
+            totals[name][1] += outs[0].seconds
+        for prompt, v, m in zip(batch, van, med):
+            same = v.token_ids == m.token_ids
+            mismatches += int(greedy and not same)
+            accepted += m.num_new_tokens
+            steps += m.steps or 0
+            if args.json:
+                print(json.dumps({"prompt": prompt, "vanilla": v.to_dict(), "medusa": m.to_dict(),
+                                  "identical": same}), flush=True)
+    tps = {k: n / s if s > 0 else 0.0 for k, (n, s) in totals.items()}
+    ratio = tps["medusa"] / tps["vanilla"] if tps["vanilla"] else float("nan")
+    summary = {
+        "prompts": len(prompts), "vanilla_tokens_per_second": round(tps["vanilla"], 2),
+        "medusa_tokens_per_second": round(tps["medusa"], 2), "speedup": round(ratio, 3),
+        "mean_accepted": round(accepted / max(steps, 1), 3), "compile_seconds": round(compile_s, 1),
+        "greedy_mismatches": mismatches if greedy else None,
+    }
+    if args.json:
+        print(json.dumps({"summary": summary}))
+    else:
+        print(f"vanilla: {tps['vanilla']:.1f} tok/s   medusa: {tps['medusa']:.1f} tok/s   "
+              f"speedup: {ratio:.2f}x   mean accepted/step: {summary['mean_accepted']:.2f}   "
+              f"(compile {compile_s:.0f}s, {len(prompts)} prompts)")
+        if greedy:
+            print("greedy outputs identical: " + ("yes" if mismatches == 0 else f"NO ({mismatches} differ)"))
+    return 1 if mismatches else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from medusa_jax.errors import USER_ERRORS
+
+    try:
+        return run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
