@@ -70,6 +70,9 @@ def read_prompts(args) -> list[str]:
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise ValueError("no prompt given: use --prompt, --prompts-file or standard input")
+    for i, text in enumerate(prompts):
+        if not text.strip():  # checked before the model is loaded: fail fast
+            raise ValueError(f"prompt {i} is empty: nothing to generate from")
     return prompts
 
 

@@ -131,8 +131,9 @@ def mesh_context(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
 # ------------------------------------------------------------------------------------------
 
 
-def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_AXIS_RULES, where: str = "?"
-                    ) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None], rules=LOGICAL_AXIS_RULES, where: str = "?"
+) -> PartitionSpec:
     """A parameter's logical axis names -> a mesh ``PartitionSpec``.
 
     Stricter than flax's resolution: an unknown name and a mesh axis used by two dimensions
@@ -184,10 +185,11 @@ def _check_divisible(where: str, shape, spec: PartitionSpec, names, mesh: Mesh) 
 
 
 def param_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-    """``NamedSharding`` for every leaf of a tree whose leaves may be boxed in
-    ``nn.Partitioned`` (e.g. ``jax.eval_shape(model.init, ...)`` or an optimizer state built
-    from boxed parameters). Boxed leaves are sharded by their logical names, plain leaves
-    (scalars, counters, RNG keys) are replicated. Returns an unboxed tree of shardings.
+    """``NamedSharding`` for every leaf of a tree whose leaves may be boxed (e.g.
+    ``jax.eval_shape(model.init, ...)``): ``nn.LogicallyPartitioned`` leaves are sharded by
+    their logical names through ``rules``, plain ``nn.Partitioned`` ones by their mesh axis
+    names, and unboxed leaves (scalars, counters, RNG keys) are replicated. Returns an unboxed
+    tree of shardings.
 
     Raises ``ShardingError`` naming the parameter path when a dimension does not divide by
     its mesh axes or a mesh axis is used twice.
@@ -195,10 +197,14 @@ def param_shardings(abstract_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) ->
 
     def one(path, leaf):
         where = _path_str(path) or "<root>"
-        if isinstance(leaf, nn.Partitioned):
+        if isinstance(leaf, nn.LogicallyPartitioned):
             names = tuple(leaf.names)
             spec = logical_to_spec(names, rules, where)
             _check_divisible(where, leaf.value.shape, spec, names, mesh)
+            return NamedSharding(mesh, spec)
+        if isinstance(leaf, nn.Partitioned):  # names are mesh axes already
+            spec = PartitionSpec(*leaf.names)
+            _check_divisible(where, leaf.value.shape, spec, None, mesh)
             return NamedSharding(mesh, spec)
         return NamedSharding(mesh, PartitionSpec())
 
@@ -231,11 +237,20 @@ def shard_params(params: Any, shardings: Any) -> Any:
     """
 
     def one(x, sharding):
-        if isinstance(x, jax.Array):
-            return jax.device_put(x, sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
+    def is_device(x):
+        return isinstance(x, jax.Array)
+
+    device_leaves = [x for x in jax.tree.leaves(params) if is_device(x)]
+    if device_leaves:
+        # Already on devices: reshard with a jitted copy. ``device_put`` would let a replicated
+        # result share its buffer with the input, and donating the result (the train step
+        # does) would then delete the caller's array.
+        return jax.jit(lambda t: t, out_shardings=shardings)(
+            jax.tree.map(lambda x: x if is_device(x) else jax.numpy.asarray(x), params)
+        )
     return jax.tree.map(one, params, shardings)
 
 

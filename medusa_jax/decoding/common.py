@@ -31,6 +31,8 @@ class GenerationSettings:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        # a tuple keeps the settings hashable (they are a static jit argument)
+        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise GenerationError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
 

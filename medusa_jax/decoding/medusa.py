@@ -232,7 +232,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)
     hist, row_steps = np.asarray(state.hist), np.asarray(state.row_steps)
     # head k's guess was accepted in every step that accepted more than k + 1 tokens
-    head_accept = np.stack([hist[:, k + 2:].sum(-1) for k in range(tree.depth)], axis=-1)
+    head_accept = np.cumsum(hist[:, ::-1], axis=-1)[:, ::-1][:, 2:]  # [B, depth], also depth 0
     return {
         "tokens": trim_outputs(out, n_out),
         "steps": row_steps.tolist(),

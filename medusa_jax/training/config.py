@@ -57,36 +57,55 @@ class TrainConfig:
             v = getattr(self, name)
             _check(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
         _check(self.base_lr >= 0, f"base_lr must be >= 0, got {self.base_lr}")
-        _check(self.heads_lr is None or self.heads_lr >= 0,
-               f"heads_lr must be >= 0, got {self.heads_lr}")
-        _check(self.heads_lr_multiplier is None or self.heads_lr_multiplier >= 0,
-               f"heads_lr_multiplier must be >= 0, got {self.heads_lr_multiplier}")
-        _check(self.heads_lr is None or self.heads_lr_multiplier is None,
-               f"give heads_lr ({self.heads_lr}) or heads_lr_multiplier "
-               f"({self.heads_lr_multiplier}), not both")
-        _check(0.0 <= self.warmup_ratio <= 1.0,
-               f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        _check(self.warmup_steps is None or (isinstance(self.warmup_steps, int)
-                                             and 0 <= self.warmup_steps <= self.steps),
-               f"warmup_steps must be an integer in [0, steps={self.steps}], "
-               f"got {self.warmup_steps!r}")
+        _check(
+            self.heads_lr is None or self.heads_lr >= 0,
+            f"heads_lr must be >= 0, got {self.heads_lr}",
+        )
+        _check(
+            self.heads_lr_multiplier is None or self.heads_lr_multiplier >= 0,
+            f"heads_lr_multiplier must be >= 0, got {self.heads_lr_multiplier}",
+        )
+        _check(
+            self.heads_lr is None or self.heads_lr_multiplier is None,
+            f"give heads_lr ({self.heads_lr}) or heads_lr_multiplier "
+            f"({self.heads_lr_multiplier}), not both",
+        )
+        _check(
+            0.0 <= self.warmup_ratio <= 1.0,
+            f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}",
+        )
+        _check(
+            self.warmup_steps is None
+            or (isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps <= self.steps),
+            f"warmup_steps must be an integer in [0, steps={self.steps}], "
+            f"got {self.warmup_steps!r}",
+        )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(self.grad_clip is None or self.grad_clip > 0,
-               f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}")
-        _check(0.0 <= self.adam_b1 < 1.0 and 0.0 <= self.adam_b2 < 1.0,
-               f"adam_b1/adam_b2 must be in [0, 1), got {self.adam_b1}/{self.adam_b2}")
+        _check(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip must be > 0 or None (no clipping), got {self.grad_clip}",
+        )
+        _check(
+            0.0 <= self.adam_b1 < 1.0 and 0.0 <= self.adam_b2 < 1.0,
+            f"adam_b1/adam_b2 must be in [0, 1), got {self.adam_b1}/{self.adam_b2}",
+        )
         _check(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}")
         _check(0.0 < self.decay <= 1.0, f"decay must be in (0, 1], got {self.decay}")
         _check(self.heads_coef >= 0, f"heads_coef must be >= 0, got {self.heads_coef}")
-        _check(not (self.kd and self.mode == "medusa1"),
-               "kd=True needs mode='medusa2' (Medusa-1 has no LM loss to distil)")
-        _check(isinstance(self.heads_warmup_steps, int)
-               and 0 <= self.heads_warmup_steps < self.steps,
-               f"heads_warmup_steps must be an integer in [0, steps={self.steps}), "
-               f"got {self.heads_warmup_steps!r}")
-        _check(self.heads_warmup_steps == 0 or self.mode == "medusa2",
-               f"heads_warmup_steps={self.heads_warmup_steps} only applies to mode='medusa2' "
-               "(Medusa-1 never trains the base)")
+        _check(
+            not (self.kd and self.mode == "medusa1"),
+            "kd=True needs mode='medusa2' (Medusa-1 has no LM loss to distil)",
+        )
+        _check(
+            isinstance(self.heads_warmup_steps, int) and 0 <= self.heads_warmup_steps < self.steps,
+            f"heads_warmup_steps must be an integer in [0, steps={self.steps}), "
+            f"got {self.heads_warmup_steps!r}",
+        )
+        _check(
+            self.heads_warmup_steps == 0 or self.mode == "medusa2",
+            f"heads_warmup_steps={self.heads_warmup_steps} only applies to mode='medusa2' "
+            "(Medusa-1 never trains the base)",
+        )
 
     @property
     def peak_heads_lr(self) -> float:

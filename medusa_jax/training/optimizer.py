@@ -51,8 +51,9 @@ def warmup_schedule(peak: float, total: int, warmup: int, kind: str) -> optax.Sc
 
 def heads_schedule(tcfg: TrainConfig) -> optax.Schedule:
     """The heads' learning rate over all ``tcfg.steps``."""
-    return warmup_schedule(tcfg.peak_heads_lr, tcfg.steps, tcfg.num_warmup_steps(tcfg.steps),
-                           tcfg.schedule)
+    return warmup_schedule(
+        tcfg.peak_heads_lr, tcfg.steps, tcfg.num_warmup_steps(tcfg.steps), tcfg.schedule
+    )
 
 
 def base_schedule(tcfg: TrainConfig) -> optax.Schedule:
@@ -76,7 +77,9 @@ def param_labels(tcfg: TrainConfig, params: dict) -> dict:
     ``"base"`` (Medusa-2) or ``"frozen"`` (Medusa-1)."""
     unknown = set(params) - {"base", "medusa"}
     if unknown:
-        raise ValueError(f"params must be {{'base': ..., 'medusa': ...}}, got keys {sorted(params)}")
+        raise ValueError(
+            f"params must be {{'base': ..., 'medusa': ...}}, got keys {sorted(params)}"
+        )
     base_label = "base" if tcfg.mode == "medusa2" else "frozen"
     return {
         k: jax.tree.map(lambda _, k=k: "medusa" if k == "medusa" else base_label, v)
@@ -95,22 +98,36 @@ def _decay_mask(params):
 
 def _adamw(tcfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     return optax.adamw(
-        schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
-        weight_decay=tcfg.weight_decay, mask=_decay_mask,
+        schedule,
+        b1=tcfg.adam_b1,
+        b2=tcfg.adam_b2,
+        eps=tcfg.adam_eps,
+        weight_decay=tcfg.weight_decay,
+        mask=_decay_mask,
     )
 
 
-def make_optimizer(tcfg: TrainConfig, params: dict) -> optax.GradientTransformation:
-    """The optimizer for ``params`` (``{"base"?: ..., "medusa": ...}``, arrays or shapes;
-    only the tree structure is used, to build the groups)."""
-    labels = param_labels(tcfg, params)
-    used = set(jax.tree.leaves(labels))
+def make_optimizer(tcfg: TrainConfig, params: dict | None = None) -> optax.GradientTransformation:
+    """The optimizer for a ``{"base"?: ..., "medusa": ...}`` tree. Only the top-level keys of
+    ``params`` matter (they pick the groups; leaves are labelled when ``init`` sees the tree);
+    the default is what the train step optimizes: ``{"medusa"}`` in Medusa-1, both in
+    Medusa-2."""
+    keys = (
+        set(params)
+        if params is not None
+        else ({"medusa"} if tcfg.mode == "medusa1" else {"base", "medusa"})
+    )
+    used = {"medusa"} | (
+        {"base" if tcfg.mode == "medusa2" else "frozen"} if "base" in keys else set()
+    )
     groups = {
         "base": _adamw(tcfg, base_schedule(tcfg)),
         "medusa": _adamw(tcfg, heads_schedule(tcfg)),
         "frozen": optax.set_to_zero(),
     }
-    tx = optax.multi_transform({g: t for g, t in groups.items() if g in used}, labels)
+    tx = optax.multi_transform(
+        {g: t for g, t in groups.items() if g in used}, lambda p: param_labels(tcfg, p)
+    )
     if tcfg.grad_clip is not None:
         tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), tx)
     return optax.apply_if_finite(tx, max_consecutive_errors=_NEVER)

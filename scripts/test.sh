@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install everything the tests need into .venv and run the whole suite (what CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh test
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q "$@"

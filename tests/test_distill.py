@@ -1,0 +1,204 @@
+"""Self-distillation (medusa_jax.training.distill) with a tiny random model and the real
+SmolLM2 tokenizer (the tiny config takes its 49152-token vocabulary)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import pytest
+
+from medusa_jax.config import tiny_config
+from medusa_jax.training.distill import Distiller, read_done_ids
+
+MAX_NEW = 6
+BATCH = 4
+KW = dict(max_new_tokens=MAX_NEW, batch_size=BATCH, max_prompt_tokens=96, progress=False)
+
+GOOD = [
+    {"id": "a", "conversations": [
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."},
+        {"from": "human", "value": "And another one?"}, {"from": "gpt", "value": "Red."}]},
+    {"id": "b", "conversations": [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "What is two plus two?"}, {"from": "gpt", "value": "4"}]},
+    {"id": "c", "conversations": [{"from": "human", "value": "Say hi."}]},
+    # ShareGPT splits often start with the assistant: that turn is dropped
+    {"id": "d", "messages": [
+        {"role": "assistant", "content": "(cut)"}, {"role": "user", "content": "Why is the sky blue?"},
+        {"role": "assistant", "content": "Rayleigh."}]},
+    {"id": "e", "conversations": [
+        {"from": "human", "value": "Count to three."}, {"from": "gpt", "value": "1 2 3"},
+        {"from": "human", "value": "Now backwards."}, {"from": "gpt", "value": "3 2 1"}]},
+]
+MALFORMED = [
+    {"id": "bad1", "conversations": [{"from": "robot", "value": "x"}]},  # unknown_role
+    {"id": "bad2", "conversations": [{"from": "gpt", "value": "only me"}]},  # no_user_turn
+    {"id": "long", "conversations": [{"from": "human", "value": "word " * 200}]},
+    {"id": "a", "conversations": [{"from": "human", "value": "duplicate id"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def distiller():
+    from medusa_jax.model import init_params
+    from medusa_jax.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cfg = tiny_config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=256, scan_layers=False)
+    return Distiller(cfg, init_params(cfg, jax.random.PRNGKey(3)), tok)
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "src.jsonl"
+    lines = [json.dumps(r) for r in GOOD[:2]] + ["{not json"]
+    lines += [json.dumps(r) for r in MALFORMED] + [json.dumps(r) for r in GOOD[2:]]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+class Recorder:
+    """Wraps ``Distiller.generate_batch`` to capture prompts and optionally crash."""
+
+    def __init__(self, distiller, monkeypatch, fail_on_call: int | None = None):
+        self.calls = []
+        real = distiller.generate_batch
+
+        def wrapped(prompts, settings, batch_size, seed):
+            if fail_on_call is not None and len(self.calls) + 1 == fail_on_call:
+                raise KeyboardInterrupt("simulated interruption")
+            outs = real(prompts, settings, batch_size, seed)
+            self.calls.append((prompts, outs))
+            return outs
+
+        monkeypatch.setattr(distiller, "generate_batch", wrapped)
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_output_format_and_summary(distiller, source, tmp_path):
+    out = tmp_path / "out.jsonl"
+    summary = distiller.run(source, out, max_turns=2, **KW)
+    recs = {r["id"]: r for r in _records(out)}
+    assert set(recs) == {"a", "b", "c", "d", "e"}
+    assert summary["written"] == 5
+    assert summary["skipped"] == {"invalid_json": 1, "unknown_role": 1, "no_user_turn": 1,
+                                  "prompt_too_long": 1, "duplicate_id": 1, "already_done": 0}
+    assert summary["turns_answered"] == 7 and summary["batches"] == 3
+    assert summary["tokens_generated"] <= 7 * MAX_NEW and summary["tokens_generated"] > 0
+    b = recs["b"]["conversations"]
+    assert [t["from"] for t in b] == ["system", "human", "gpt"]
+    assert b[0]["value"] == "Be brief." and b[1]["value"] == "What is two plus two?"
+    a = recs["a"]["conversations"]
+    assert [t["from"] for t in a] == ["human", "gpt", "human", "gpt"]
+    assert [a[0]["value"], a[2]["value"]] == ["Name a colour.", "And another one?"]
+    assert a[1]["value"] != "Blue." and a[3]["value"] != "Red."  # originals discarded
+    assert [t["from"] for t in recs["d"]["conversations"]] == ["human", "gpt"]
+    for r in recs.values():
+        assert isinstance(r["truncated"], bool)
+        assert all(t["value"].strip() for t in r["conversations"])
+    # the random model (almost) never emits EOS: answers run to max_new_tokens
+    assert summary["truncated_answers"] == sum(r["truncated"] for r in recs.values()) >= 4
+    # max_turns=1 answers only the first user turn
+    out1 = tmp_path / "out1.jsonl"
+    distiller.run(source, out1, max_turns=1, max_conversations=2, **KW)
+    assert [len(r["conversations"]) for r in _records(out1)] == [2, 3]
+
+
+def test_multi_turn_feeds_own_answers(distiller, source, tmp_path, monkeypatch):
+    rec = Recorder(distiller, monkeypatch)
+    out = tmp_path / "out.jsonl"
+    distiller.run(source, out, max_turns=2, **KW)
+    recs = {r["id"]: r for r in _records(out)}
+    # the plan puts the two-turn conversations first: call 0 is their turn 0, call 1 turn 1
+    turn2_prompts = [distiller.tokenizer.decode(p) for p in rec.calls[1][0]]
+    assert len(turn2_prompts) == 2
+    for cid in ("a", "e"):
+        conv = recs[cid]["conversations"]
+        own, original, second = conv[1]["value"], GOOD[0 if cid == "a" else 4], conv[2]["value"]
+        matching = [p for p in turn2_prompts if second in p]
+        assert len(matching) == 1
+        assert own in matching[0]
+        assert original["conversations"][1]["value"] not in matching[0]
+
+
+def test_resume_after_interruption_matches_uninterrupted(distiller, source, tmp_path,
+                                                         monkeypatch):
+    full = tmp_path / "full.jsonl"
+    distiller.run(source, full, max_turns=2, **KW)
+    expected = full.read_text()
+
+    out = tmp_path / "resumed.jsonl"
+    with monkeypatch.context() as m:
+        Recorder(distiller, m, fail_on_call=3)  # dies in the second group
+        with pytest.raises(KeyboardInterrupt):
+            distiller.run(source, out, max_turns=2, **KW)
+    first_group = _records(out)
+    assert len(first_group) == BATCH  # the finished group was written before the crash
+
+    rec = Recorder(distiller, monkeypatch)
+    summary = distiller.run(source, out, max_turns=2, **KW)
+    assert summary["skipped"]["already_done"] == BATCH and summary["written"] == 1
+    assert len(rec.calls) == 1  # only the unfinished group was generated
+    assert out.read_text() == expected
+    # a third run has nothing left to do
+    summary = distiller.run(source, out, max_turns=2, **KW)
+    assert summary["written"] == 0 and summary["batches"] == 0
+    assert out.read_text() == expected
+
+
+def test_half_written_last_line_is_recovered(distiller, source, tmp_path):
+    full = tmp_path / "full.jsonl"
+    distiller.run(source, full, max_turns=2, **KW)
+    expected = full.read_text()
+    lines = expected.splitlines(keepends=True)
+    out = tmp_path / "cut.jsonl"
+    # a crash in the middle of the first group's write: one full line and half of the next
+    out.write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    assert read_done_ids(out, repair=False) == ({json.loads(lines[0])["id"]}, 0)
+    summary = distiller.run(source, out, max_turns=2, **KW)
+    assert summary["skipped"]["already_done"] == 1 and summary["written"] == 4
+    assert out.read_text() == expected
+    # a complete last record that only lost its newline is kept
+    out.write_text(lines[0].rstrip("\n"))
+    assert read_done_ids(out) == ({json.loads(lines[0])["id"]}, 0)
+    assert out.read_text() == lines[0]
+
+
+def test_malformed_output_lines_are_counted(distiller, source, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('garbage\n{"no_id": 1}\n')
+    summary = distiller.run(source, out, max_turns=1, max_conversations=1, **KW)
+    assert summary["skipped"]["malformed_output_line"] == 2
+    assert summary["written"] == 1
+    assert out.read_text().startswith('garbage\n{"no_id": 1}\n')  # left in place
+    # resume=False starts over
+    summary = distiller.run(source, out, max_turns=1, max_conversations=1, resume=False, **KW)
+    assert len(_records(out)) == 1 and "malformed_output_line" not in summary["skipped"]
+
+
+def test_greedy_is_deterministic_and_sampling_follows_the_seed(distiller, tmp_path):
+    records = GOOD[1:4]
+    texts = []
+    for i, kw in enumerate([{}, {}, {"temperature": 1.0, "seed": 1},
+                            {"temperature": 1.0, "seed": 1}, {"temperature": 1.0, "seed": 2}]):
+        out = tmp_path / f"o{i}.jsonl"
+        distiller.run(records, out, **kw, **KW)
+        texts.append(out.read_text())
+    assert texts[0] == texts[1]
+    assert texts[2] == texts[3] and texts[2] != texts[4]
+
+
+def test_argument_checks(distiller, tmp_path):
+    with pytest.raises(ValueError, match="must fit the model's context"):
+        distiller.run(GOOD, tmp_path / "x.jsonl", max_new_tokens=200, max_prompt_tokens=100)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        distiller.run(GOOD, tmp_path / "x.jsonl", batch_size=0)

@@ -1,0 +1,132 @@
+"""The real default model (SmolLM2-135M-Instruct): generation against transformers, Medusa with
+fresh heads against vanilla, and the decode.py command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from medusa_jax.config import MedusaConfig
+from medusa_jax.decoding.common import GenerationSettings
+from medusa_jax.decoding.medusa import make_settings, medusa_generate
+from medusa_jax.decoding.vanilla import generate
+from medusa_jax.model.heads import init_medusa_params
+from medusa_jax.model.llama import convert_layout
+from medusa_jax.tokenizer import apply_chat_template
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a haiku about autumn leaves.",
+    "Explain in two sentences why the sky is blue.",
+    "List three tips for staying focused while studying.",
+    "How do I convert Celsius to Fahrenheit?",
+]
+NEW = 32
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def scanned(real_model):
+    """The real model with scanned layers: the same numbers, much less compile time in tests."""
+    cfg, params = real_model
+    cfg = cfg.replace(scan_layers=True)
+    return cfg, jax.device_put(convert_layout(params, cfg))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(real_hf_tokenizer):
+    return [apply_chat_template(real_hf_tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def vanilla_out(scanned, prompt_ids):
+    cfg, params = scanned
+    # no EOS stop: 32 tokens per row, so every position is compared
+    settings = GenerationSettings(max_new_tokens=NEW, pad_token_id=2)
+    return generate(cfg, params, prompt_ids, settings)["tokens"]
+
+
+def _torch_greedy(model, ids, n):
+    """Greedy decoding with transformers' model, one full forward per token (no cache)."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_greedy_matches_transformers(real_torch_model, prompt_ids, vanilla_out):
+    """Token-for-token equal to transformers' PyTorch model decoding greedily.
+
+    The reference is a full forward per token rather than ``generate``: with transformers 5.24,
+    ``generate`` on this GGUF model returns raw logits that differ from the same model's own
+    forward on the same tokens by up to ~0.25 (prompt 1, step 6: 28 vs 3711, a near tie), so
+    it is not a fixed point to compare against. Our logits match the forward to 1e-4, and the
+    benchmark reports where ``generate`` diverges."""
+    for i in range(3):
+        assert vanilla_out[i] == _torch_greedy(real_torch_model, prompt_ids[i], NEW), f"prompt {i}"
+
+
+def test_batched_rows_equal_single_rows(scanned, prompt_ids, vanilla_out):
+    """The batch of 5 ragged prompts gave every row what it gets alone (row 3 checked)."""
+    cfg, params = scanned
+    alone = generate(cfg, params, [prompt_ids[3]],
+                     GenerationSettings(max_new_tokens=NEW, pad_token_id=2))["tokens"][0]
+    assert alone == vanilla_out[3]
+
+
+def test_medusa_fresh_heads_equals_vanilla(scanned, prompt_ids, vanilla_out):
+    cfg, params = scanned
+    mcfg = MedusaConfig.for_model(cfg, num_heads=4)
+    # random non-zero heads make the proposals disagree with the base (fresh zero heads would
+    # all propose the base's next token); both must give exactly the vanilla tokens
+    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(3), scale=0.02)
+    gen = GenerationSettings(max_new_tokens=NEW, pad_token_id=2)
+    st = make_settings([[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]], 4, gen)
+    res = medusa_generate(cfg, mcfg, {"base": params, "medusa": heads}, prompt_ids, st)
+    assert res["tokens"] == vanilla_out
+    assert all(s >= 1 for s in res["steps"])
+    assert np.all(np.asarray(res["mean_accepted"]) >= 1.0)
+
+
+def _decode(*args, stdin=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, os.path.join(REPO, "decode.py"), *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_decode_cli_json(vanilla_out):
+    r = _decode("--medusa", "none", "--json", "--max-new-tokens", "8", "--prompt", PROMPTS[0],
+                "--prompt", PROMPTS[1], "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("text", "token_ids", "num_new_tokens", "seconds", "tokens_per_second"):
+            assert key in row
+        assert row["num_new_tokens"] == len(row["token_ids"]) <= 8
+    assert rows[0]["token_ids"] == vanilla_out[0][: rows[0]["num_new_tokens"]]
+
+
+@pytest.mark.parametrize("args, stdin, message", [
+    (["--prompt", "   "], None, "prompt 0 is empty"),
+    (["--prompt", "hi", "--top-p", "0"], None, "top_p"),
+    (["--prompt", "hi", "--temperature", "-1"], None, "temperature"),
+    (["--prompt", "hi", "--top-k", "-3"], None, "top_k"),
+    (["--prompt", "hi", "--max-new-tokens", "100000"], None, "context"),
+    (["--prompt", "hi", "--model", "/nonexistent/model"], None, "does not exist"),
+    ([], "\n\n", "no prompt given"),
+])
+def test_decode_cli_errors(args, stdin, message):
+    r = _decode("--medusa", "none", *args, stdin=stdin)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
