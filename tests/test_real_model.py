@@ -82,18 +82,20 @@ def test_batched_rows_equal_single_rows(scanned, prompt_ids, vanilla_out):
     assert alone == vanilla_out[3]
 
 
-def test_medusa_fresh_heads_equals_vanilla(scanned, prompt_ids, vanilla_out):
+@pytest.mark.parametrize("scale", [0.0, 0.02], ids=["fresh", "random"])
+def test_medusa_heads_equal_vanilla(scanned, prompt_ids, vanilla_out, scale):
+    """Freshly initialised heads (zero ResBlocks: every head proposes the base's own next-token
+    top-k) and random non-zero heads both give exactly the vanilla greedy tokens."""
     cfg, params = scanned
     mcfg = MedusaConfig.for_model(cfg, num_heads=4)
-    # random non-zero heads make the proposals disagree with the base (fresh zero heads would
-    # all propose the base's next token); both must give exactly the vanilla tokens
-    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(3), scale=0.02)
+    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(3), scale=scale)
     gen = GenerationSettings(max_new_tokens=NEW, pad_token_id=2)
     st = make_settings([[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]], 4, gen)
     res = medusa_generate(cfg, mcfg, {"base": params, "medusa": heads}, prompt_ids, st)
     assert res["tokens"] == vanilla_out
     assert all(s >= 1 for s in res["steps"])
     assert np.all(np.asarray(res["mean_accepted"]) >= 1.0)
+    assert np.asarray(res["accept_hist"]).sum(-1).tolist() == res["steps"]
 
 
 def _decode(*args, stdin=None):
