@@ -63,7 +63,7 @@ class MedusaLM:
 
     @classmethod
     def load(cls, model: str | None = None, medusa: str | None = "default", dtype: str = "float32",
-             scan_layers: bool = False) -> MedusaLM:
+             scan_layers: bool = True) -> MedusaLM:
         """``model``: HF checkpoint dir or .gguf file (None = the default model). ``medusa``: a head
         checkpoint (any supported layout), ``"default"`` (the heads shipped for the default
         model, if any) or None."""
