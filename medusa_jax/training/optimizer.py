@@ -58,7 +58,9 @@ def heads_schedule(tcfg: TrainConfig) -> optax.Schedule:
 
 def base_schedule(tcfg: TrainConfig) -> optax.Schedule:
     """The base's learning rate: 0 in Medusa-1, and in Medusa-2 0 for the heads-warmup steps,
-    then a full warmup + decay schedule over the remaining joint steps."""
+    then a full warmup + decay schedule over the remaining joint steps. (During the heads
+    warmup the base's Adam moments still see its gradients, so joint training starts with
+    warm moments; the base itself does not move, AdamW's decay being scaled by the lr too.)"""
     if tcfg.mode == "medusa1":
         return lambda count: jnp.zeros((), jnp.float32)
     hw = tcfg.heads_warmup_steps

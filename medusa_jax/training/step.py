@@ -66,8 +66,8 @@ def trainable(tcfg: TrainConfig, tree: dict) -> dict:
 def model_init_fn(
     model_cfg: ModelConfig, medusa_cfg: MedusaConfig, medusa_scale: float = 0.0
 ) -> Callable[[jax.Array], dict]:
-    """``rng -> {"base", "medusa"}`` with every leaf boxed in ``nn.Partitioned`` (logical axis
-    names), the input :func:`medusa_jax.sharding.sharded_init` expects. ``medusa_scale > 0``
+    """``rng -> {"base", "medusa"}`` with every leaf boxed in ``nn.LogicallyPartitioned``
+    (logical axis names), the input :func:`medusa_jax.sharding.sharded_init` expects. ``medusa_scale > 0``
     draws random ResBlock weights (tests)."""
     medusa_cfg.check_compatible(model_cfg)
     model = LlamaModel(model_cfg)
@@ -254,15 +254,16 @@ class _Steps:
         tcfg, model = self.tcfg, self.model
         seg = batch.get("segment_ids")
 
+        teacher = None
+        if tcfg.kd:  # the original model's logits, outside the differentiated function
+            teacher_hidden = base_hidden(model, frozen_base, batch)
+            teacher = model.apply({"params": frozen_base}, teacher_hidden, method=LlamaModel.logits)
+
         def loss_fn(train):
             base = train["base"]
             hidden = base_hidden(model, base, batch)
             logits = model.apply({"params": base}, hidden, method=LlamaModel.logits)  # [B, T, V]
             if tcfg.kd:
-                teacher_hidden = base_hidden(model, frozen_base, batch)
-                teacher = model.apply(
-                    {"params": frozen_base}, teacher_hidden, method=LlamaModel.logits
-                )
                 lm, lm_metrics = kd_loss(logits, teacher, batch["loss_mask"], seg)
                 lm_metrics = {"kd_loss": lm, **lm_metrics}
             else:
