@@ -83,8 +83,12 @@ def _batches(items, n):
 
 def run(args) -> int:
     from medusa_jax.api import MedusaLM
+    from medusa_jax.decoding.sampling import SamplingConfig
 
     prompts = read_prompts(args)
+    SamplingConfig(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     medusa = None if args.medusa in ("none", "") else args.medusa
     lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype)
     if args.compare and not lm.has_heads:

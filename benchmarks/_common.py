@@ -140,7 +140,8 @@ def machine_md(info: dict) -> str:
          f"{info.get('load_average_at_start')} / {info.get('load_average_at_end')}"),
         ("versions", f"python {info['python']}, jax {info['jax']} (jaxlib {info['jaxlib']}, "
                      f"backend {info['jax_backend']}), flax {info['flax']}, numpy "
-                     f"{info['numpy']}, torch {info['torch']}, transformers {info['transformers']}"),
+                     f"{info['numpy']}, torch {info['torch']}, "
+                     f"transformers {info['transformers']}"),
         ("git HEAD", f"{info['git_head']} (working tree may hold uncommitted changes)"),
     ]
     return "\n".join(f"- {k}: {v}" for k, v in rows)

@@ -289,13 +289,15 @@ all {weight_bytes / 1e6:.0f} MB of fp32 weights from memory once (they are far l
 CPU caches), for only ~2 flops per weight, so memory bandwidth sets the ceiling:
 tokens/s <= bandwidth / {weight_bytes / 1e6:.0f} MB.
 """
+    sustained = ", ".join(f"{n} {s['effective_gbs']:.1f} GB/s" for n, s in summary.items())
     if bw:
         md += f"""
 A numpy copy of a {args.bandwidth_gib:g} GiB float32 array (one thread, best of 3) moved
 {bw_start['read_plus_write_gbs']:.1f} GB/s (read + write) at the start of the run and
-{bw_end['read_plus_write_gbs']:.1f} GB/s at the end. With the better ~{bw:.1f} GB/s the ceiling is ~{bound:.0f} tokens/s (~{1e3 / bound:.0f} ms per token). The last
-table column is tokens/s x {weight_bytes / 1e6:.0f} MB, the weight bandwidth each variant
-actually sustained: {", ".join(f"{n} {s['effective_gbs']:.1f} GB/s" for n, s in summary.items())}.
+{bw_end['read_plus_write_gbs']:.1f} GB/s at the end. With the better ~{bw:.1f} GB/s the
+ceiling is ~{bound:.0f} tokens/s (~{1e3 / bound:.0f} ms per token). The last table column is
+tokens/s x {weight_bytes / 1e6:.0f} MB, the weight bandwidth each variant actually sustained:
+{sustained}.
 On a loaded 2-core machine neither the copy nor the decoders get the memory system to
 themselves, so both are rough; the ratio to the ceiling says how much per-token overhead
 (dispatch, attention over the cache, sampling, Python in `generate`) comes on top of streaming

@@ -47,14 +47,16 @@ def parse_args(argv=None):
     p.add_argument("--tree", default="mc_sim_7b_63", help="predefined tree the sizes are cut from")
     p.add_argument("--sizes", default="1,4,8,16,32,64",
                    help="tree sizes in nodes besides the root (>= the tree's paths: all of it)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="rounds over the prompts (more samples against machine noise)")
     p.add_argument("--no-heads-control", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the smallest tree with a constant proposer instead of the "
                         "heads, to separate the heads' cost from the tree forward's")
     p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="layer layout of the base model (scan: much faster to compile)")
     a = p.parse_args(argv)
-    if a.num_prompts < 1 or a.max_new_tokens < 1:
-        p.error("--num-prompts and --max-new-tokens must be >= 1")
+    if a.num_prompts < 1 or a.max_new_tokens < 1 or a.repeats < 1:
+        p.error("--num-prompts, --max-new-tokens and --repeats must be >= 1")
     a.sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     if not a.sizes or any(s < 1 for s in a.sizes):
         p.error("--sizes needs sizes >= 1")
@@ -173,6 +175,19 @@ def main(argv=None) -> int:
         variants.append({"name": t["name"], "run": make_medusa(t["settings"], _constant_proposer),
                          "tree": t})
 
+    def run_prompt(rnd, i, ids, turn):
+        rec = {"round": rnd, **{k: questions[i][k] for k in ("question_id", "category")},
+               "prompt_tokens": len(ids), "order": [], "runs": {}}
+        for v in C.rotated(variants, turn):
+            r = v["run"](ids)
+            rec["order"].append(v["name"])
+            rec["runs"][v["name"]] = {**r, "new_tokens": len(r["tokens"])}
+        log(f"round {rnd + 1}/{args.repeats} prompt {i + 1}/{len(prompts)} "
+            f"(q{rec['question_id']}): " + ", ".join(
+                f"{n} {r['decode_steps']} steps {r['decode_s']:.2f}s"
+                for n, r in rec["runs"].items()))
+        return rec
+
     warm = {}
     for v in variants:
         t0 = time.perf_counter()
@@ -181,17 +196,9 @@ def main(argv=None) -> int:
         log(f"warm-up {v['name']}: compile {r['compile_s']:.1f} s")
 
     records = []
-    for i, ids in enumerate(prompts):
-        rec = {**{k: questions[i][k] for k in ("question_id", "category")},
-               "prompt_tokens": len(ids), "order": [], "runs": {}}
-        for v in C.rotated(variants, i):
-            r = v["run"](ids)
-            rec["order"].append(v["name"])
-            rec["runs"][v["name"]] = {**r, "new_tokens": len(r["tokens"])}
-        records.append(rec)
-        log(f"prompt {i + 1}/{len(prompts)} (q{rec['question_id']}): " + ", ".join(
-            f"{n} {r['decode_steps']} steps {r['decode_s']:.2f}s"
-            for n, r in rec["runs"].items()))
+    for rnd in range(args.repeats):
+        for i, ids in enumerate(prompts):
+            records.append(run_prompt(rnd, i, ids, rnd * len(prompts) + i))
     info["load_average_at_end"] = C.load_average()
 
     # ---- summaries
@@ -201,8 +208,10 @@ def main(argv=None) -> int:
         steps = sum(r["decode_steps"] for r in runs)
         toks = sum(r["new_tokens"] for r in runs)
         tot_s = sum(r["total_s"] for r in runs)
+        best = min(r["decode_s"] / max(r["decode_steps"], 1) for r in runs)
         return {"decode_s": dec_s, "decode_steps": steps, "step_ms": 1e3 * dec_s / max(steps, 1),
-                "tokens": toks, "total_s": tot_s, "tokens_per_s": toks / tot_s,
+                "best_run_step_ms": 1e3 * best, "tokens": toks, "total_s": tot_s,
+                "tokens_per_s": toks / tot_s,
                 "compile_s_warmup": warm[name]["compile_s"],
                 "compile_s_timed_runs": sum(r["compile_s"] for r in runs)}
 
@@ -216,7 +225,8 @@ def main(argv=None) -> int:
         per = [(r["runs"][t["name"]]["decode_s"] / max(r["runs"][t["name"]]["decode_steps"], 1))
                / (r["runs"]["vanilla"]["decode_s"] / max(r["runs"]["vanilla"]["decode_steps"], 1))
                for r in records]
-        s["per_prompt_step_ratio"] = C.ratio_stats(per)
+        s["per_run_step_ratio"] = C.ratio_stats(per)
+        s["best_run_step_ratio"] = s["best_run_step_ms"] / van["best_run_step_ms"]
         s["speedup_measured"] = s["tokens_per_s"] / van["tokens_per_s"]
         s["speedup_predicted"] = s["mean_accepted"] / s["step_ratio"]
         div = [C.first_divergence(r["runs"][t["name"]]["tokens"], r["runs"]["vanilla"]["tokens"])
@@ -224,20 +234,21 @@ def main(argv=None) -> int:
         s["tokens_differ_from_vanilla"] = sum(d is not None for d in div)
         s["first_divergence"] = div
         s.update({k: t[k] for k in ("nodes", "depth", "topk", "how")})
-        s["per_prompt_mean_accepted"] = [r["mean_accepted"] for r in runs]
+        s["per_run_mean_accepted"] = [r["mean_accepted"] for r in runs]
         summary[t["name"]] = s
 
     header = ["tree", "nodes (incl. root)", "depth", "step ms", "vanilla step ms",
-              "ratio", "per-prompt ratio median [min, max]", "compile s",
+              "ratio", "per-run ratio median [min, max]", "best-run ratio", "compile s",
               "mean accepted", "speedup (measured)", "speedup (accepted / ratio)",
               "tokens differ from vanilla"]
     rows = []
     for t in trees:
         s = summary[t["name"]]
-        pp = s["per_prompt_step_ratio"]
+        pp = s["per_run_step_ratio"]
         rows.append([f"{t['name']} ({t['how']})", s["nodes"], s["depth"], round(s["step_ms"], 1),
                      round(van["step_ms"], 1), round(s["step_ratio"], 3),
                      f"{pp['median']:.3f} [{pp['min']:.3f}, {pp['max']:.3f}]",
+                     round(s["best_run_step_ratio"], 3),
                      round(s["compile_s_warmup"] + s["compile_s_timed_runs"], 1),
                      round(s["mean_accepted"], 3), round(s["speedup_measured"], 3),
                      round(s["speedup_predicted"], 3),
@@ -245,10 +256,11 @@ def main(argv=None) -> int:
     table = C.md_table(header, rows)
     print(table)
 
-    per_rows = [[r["question_id"], r["category"], r["prompt_tokens"], " > ".join(r["order"])]
-                + [f"{r['runs'][v['name']]['decode_steps']} / {r['runs'][v['name']]['decode_s']:.2f}"
-                   for v in variants] for r in records]
-    per_table = C.md_table(["q", "category", "prompt tokens", "run order"]
+    per_rows = [[r["round"] + 1, r["question_id"], r["category"], r["prompt_tokens"],
+                 " > ".join(r["order"])]
+                + [f"{r['runs'][n]['decode_steps']} / {r['runs'][n]['decode_s']:.2f}"
+                   for n in (v["name"] for v in variants)] for r in records]
+    per_table = C.md_table(["round", "q", "category", "prompt tokens", "run order"]
                            + [f"{v['name']} steps / s" for v in variants], per_rows)
     fresh = args.heads is None
     dropped = "" if len(usable) == len(full) else (
@@ -270,15 +282,18 @@ Command: `{C.command_line()}`
 - Trees: cut from `{args.tree}`; every prefix of it was checked parent-closed with `build_tree`.
   n = 1 is the chain `[[0]]`; a size >= the tree's {len(usable)} paths takes all of them
   ({len(usable) + 1} nodes with the root){dropped}.
-- Prompts: first turn of the first {len(records)} MT-bench questions (chat template), batch 1,
+- Prompts: first turn of the first {len(prompts)} MT-bench questions (chat template), batch 1,
   greedy acceptance, max_new_tokens = {args.max_new_tokens}, stop at EOS {list(eos)}.
-- Interleaving: per prompt, vanilla and every tree run once; the order rotates by one from
-  prompt to prompt. One warm-up run each on the first prompt first.
+- Interleaving: {args.repeats} round(s) over the prompts; per prompt, vanilla and every tree run
+  once, the order rotating by one from run to run. One warm-up run each on the first prompt
+  first.
 - step ms = decode-loop seconds / decode steps, summed over the prompts (prefill timed apart and
   left out; compile excluded). Vanilla: one forward of 1 token per step (the first token comes
   from the prefill). Medusa: one verification forward of all tree nodes per step, plus the heads,
   the tree logits, acceptance and the K/V compaction. ratio = Medusa step ms / vanilla step ms;
-  "per-prompt ratio" is the same ratio per prompt (paired).
+  "per-run ratio" is the same ratio per prompt and round (paired runs); "best-run ratio" =
+  fastest run's step ms of the tree / of vanilla (noise on a shared machine only ever adds time,
+  so the fastest runs are the least disturbed).
 - mean accepted = tokens / Medusa steps. speedup (measured) = end-to-end tokens/s (prefill +
   decode, compile excluded) of Medusa / of vanilla; speedup (accepted / ratio) = what the step
   ratio predicts for decoding alone.
@@ -297,10 +312,14 @@ Vanilla: {van['decode_steps']} decode steps, {van['tokens']} tokens, compile
         md += f"""
 Control: `{trees[-1]['name']}` is `{trees[0]['name']}` with a constant proposer in place of the
 heads (same verification forward, acceptance and cache compaction, no heads). Running the heads
-costs {a['step_ms'] - b['step_ms']:.1f} ms per step ({a['step_ms']:.1f} vs {b['step_ms']:.1f} ms),
-{(a['step_ms'] - b['step_ms']) / van['step_ms']:.2f} vanilla steps; the rest of the
-{trees[0]['name']} overhead over vanilla ({b['step_ms']:.1f} vs {van['step_ms']:.1f} ms) is the
-{trees[0]['nodes']}-position verification forward, its logits, acceptance and compaction.
+costs {a['step_ms'] - b['step_ms']:.1f} ms per step ({a['step_ms']:.1f} vs {b['step_ms']:.1f} ms;
+fastest runs: {a['best_run_step_ms']:.1f} vs {b['best_run_step_ms']:.1f} ms), i.e.
+{(a['step_ms'] - b['step_ms']) / van['step_ms']:.2f} vanilla steps
+({(a['best_run_step_ms'] - b['best_run_step_ms']) / van['best_run_step_ms']:.2f} by the fastest
+runs); the rest of the {trees[0]['name']} overhead over vanilla ({b['step_ms']:.1f} vs
+{van['step_ms']:.1f} ms; fastest runs {b['best_run_step_ms']:.1f} vs
+{van['best_run_step_ms']:.1f} ms) is the {trees[0]['nodes']}-position verification forward,
+its logits, acceptance and compaction.
 """
     if fresh:
         md += """
@@ -316,7 +335,7 @@ the smallest tree pays for the heads (their ResBlocks and, with a shared LM head
 projection of {mcfg.num_heads} rows through the {cfg.hidden_size} x {cfg.vocab_size} LM head), the
 T x vocab logits, and the cache compaction.
 
-### Per prompt
+### Per run
 
 {per_table}
 """

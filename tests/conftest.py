@@ -62,6 +62,9 @@ def real_torch_model(real_gguf_path):
     import torch
     import transformers
 
+    # one thread: with XLA's CPU thread pool in the same process, two torch threads on this
+    # 2-core machine ran the reference ~5x slower (see benchmarks/results/decode_vanilla.md)
+    torch.set_num_threads(1)
     folder, name = os.path.split(real_gguf_path)
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"

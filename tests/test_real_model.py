@@ -54,21 +54,26 @@ def vanilla_out(scanned, prompt_ids):
 
 
 def _torch_greedy(model, ids, n):
-    """Greedy decoding with transformers' model, one full forward per token (no cache)."""
-    seq = list(ids)
+    """Greedy decoding with transformers' model and its own KV cache (``DynamicCache``)."""
+    from transformers import DynamicCache
+
+    cache, out = DynamicCache(config=model.config), []
+    x = torch.tensor([ids])
     with torch.no_grad():
         for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
+            logits = model(x, past_key_values=cache, use_cache=True).logits
+            out.append(int(logits[0, -1].argmax()))
+            x = torch.tensor([[out[-1]]])
+    return out
 
 
 def test_greedy_matches_transformers(real_torch_model, prompt_ids, vanilla_out):
     """Token-for-token equal to transformers' PyTorch model decoding greedily.
 
-    The reference is a full forward per token rather than ``generate``: with transformers 5.24,
-    ``generate`` on this GGUF model returns raw logits that differ from the same model's own
-    forward on the same tokens by up to ~0.25 (prompt 1, step 6: 28 vs 3711, a near tie), so
-    it is not a fixed point to compare against. Our logits match the forward to 1e-4, and the
+    The reference is the model's forward with its KV cache rather than ``generate``: with
+    transformers 5.24, ``generate`` on this GGUF model returned raw logits that differ from the
+    same model's own forward on the same tokens by up to ~0.25 (prompt 1, step 6: 28 vs 3711, a
+    near tie), so it is not a fixed point to compare against. Our logits match the forward to 1e-4, and the
     benchmark reports where ``generate`` diverges."""
     for i in range(3):
         assert vanilla_out[i] == _torch_greedy(real_torch_model, prompt_ids[i], NEW), f"prompt {i}"

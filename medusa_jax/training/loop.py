@@ -1,0 +1,703 @@
+"""The Medusa training loop: data, model, sharded state, resumable steps, metrics, eval, export.
+
+    summary = train(load_run_config("configs/smollm2_medusa1.yaml"))
+
+:class:`Trainer` does the set-up in its constructor (mesh, tokenised data, base weights) and the
+training in :meth:`Trainer.run`; :func:`train` is both in one call. A run directory
+(``checkpoint.dir``) holds the resolved ``config.yaml``, orbax checkpoints, ``metrics.jsonl``,
+the tokenised-data cache and the exports. Running again with the same directory resumes from the
+latest checkpoint and ends exactly where an uninterrupted run ends (same batches, same updates).
+
+SIGTERM / SIGINT (e.g. a preempted job) ask the loop to stop: it finishes the current step,
+saves a checkpoint and returns with ``summary["interrupted"]`` set. A second SIGINT stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.model.heads import MedusaHeads
+from medusa_jax.model.llama import LlamaModel, lm_head_weight
+from medusa_jax.runconfig import dump_yaml, to_dict
+from medusa_jax.sharding import (
+    ShardingError,
+    check_batch_size,
+    make_mesh,
+    mesh_context,
+    shard_batch,
+    shard_params,
+)
+from medusa_jax.training.checkpoint import (
+    CheckpointError,
+    TrainCheckpointer,
+    abstract_checkpoint_tree,
+    checkpoint_tree,
+    state_from_tree,
+)
+from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.data import (
+    BatchIterator,
+    DataReport,
+    load_conversations,
+    load_sharegpt,
+    prepare_arrays,
+    sharegpt_path,
+)
+from medusa_jax.training.run_config import BYTES_TOKENIZER, RunConfig
+from medusa_jax.training.step import (
+    _heads_loss,
+    base_hidden,
+    init_train_state,
+    make_train_step,
+    state_shardings,
+)
+
+log = logging.getLogger("medusa_jax.train")
+
+_CACHE_VERSION = 1
+# Changing one of these between a checkpoint and its resumption changes parameter shapes or the
+# data stream: refuse rather than train on something else.
+_MUST_MATCH = ("model.path", "model.tiny", "model.tiny_vocab_size", "model.tiny_hidden_size",
+               "model.tokenizer", "model.scan_layers", "model.param_dtype", "medusa.",
+               "train.mode", "train.seed", "train.batch_size", "train.seq_len", "data.path",
+               "data.max_records", "data.mode", "data.drop_leading_assistant",
+               "data.eval_fraction")
+_LAST = ("lr_base", "lr_heads", "skipped_updates", "nonfinite_consecutive")
+_SUM = ("num_tokens", "update_skipped", "head_count", "lm_count", "kd_count")
+_MAX_NONFINITE = 100
+
+
+# ------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """A byte-level stand-in tokenizer with a ChatML template (tests and smoke runs): id 0 is
+    ``<pad>``, 1 ``<|im_start|>``, 2 ``<|im_end|>`` (end of turn), byte b is ``b + 3``."""
+
+    specials = ("<pad>", "<|im_start|>", "<|im_end|>")
+    chat_template = "chatml (byte-level stand-in)"
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+    unk_token_id = unk_token = None
+    vocab_size = 259
+    _split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [0, 1, 2]
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, str]:
+        return dict(enumerate(self.specials))
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return self.encode(text) if tokenize else text
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.specials:
+                ids.append(self.specials.index(part))
+            else:
+                ids.extend(b + 3 for b in part.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            if int(i) >= 3:
+                buf.append(int(i) - 3)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if not skip_special_tokens:
+                out.append(self.specials[int(i)])
+        return "".join(out) + buf.decode("utf-8", errors="replace")
+
+
+_BYTE_TOKENIZER = ByteTokenizer()
+
+
+def _tokenizer_source(run_cfg: RunConfig) -> str | None:
+    m = run_cfg.model
+    return m.tokenizer if m.tokenizer is not None else (None if m.tiny else m.path)
+
+
+def load_run_tokenizer(run_cfg: RunConfig) -> Any:
+    """The tokenizer a run trains with (see ``ModelSection.tokenizer``)."""
+    source = _tokenizer_source(run_cfg)
+    if source == BYTES_TOKENIZER:
+        return _BYTE_TOKENIZER
+    from medusa_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _file_identity(path: str) -> list:
+    """Path, size and mtime of a file (or of each file directly inside a directory)."""
+    if os.path.isdir(path):
+        return [_file_identity(os.path.join(path, n)) for n in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, n))]
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Tokenised fixed-length rows (``[N, seq_len]`` int32 dicts) and what happened to the
+    records: ``report`` holds the read/skip counts and ``summary`` (one line)."""
+
+    train: dict[str, np.ndarray]
+    eval: dict[str, np.ndarray] | None
+    report: dict
+    cache_file: str | None = None
+
+
+def _split_conversations(convs: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A held-out share of ``convs`` chosen by ``seed`` alone (deterministic)."""
+    n = len(convs)
+    n_eval = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
+    held = set(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:n_eval].tolist())
+    train = [c for i, c in enumerate(convs) if i not in held]
+    return train, [c for i, c in enumerate(convs) if i in held]
+
+
+def prepare_data(run_cfg: RunConfig) -> PreparedData:
+    """Conversations -> held-out split -> tokenised rows, from the cache when the data file,
+    the tokenizer and every setting they depend on are unchanged. Malformed records are
+    counted in the report; ValueError when nothing trainable remains."""
+    d, t = run_cfg.data, run_cfg.train
+    source = os.path.abspath(os.path.expanduser(d.path)) if d.path else sharegpt_path()
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"data file {source} does not exist")
+    tok_source = _tokenizer_source(run_cfg)
+    if tok_source == BYTES_TOKENIZER:
+        tok_id: Any = "bytes-v1"
+    else:
+        from medusa_jax.tokenizer import resolve_model_path
+
+        tok_id = _file_identity(resolve_model_path(tok_source))
+    key = {"version": _CACHE_VERSION, "data": _file_identity(source), "tokenizer": tok_id,
+           "max_records": d.max_records, "mode": d.mode, "seq_len": t.seq_len, "seed": t.seed,
+           "drop_leading_assistant": d.drop_leading_assistant, "eval_fraction": d.eval_fraction}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    cache_file = os.path.join(run_cfg.paths().data_cache, f"{digest}.npz") if d.cache else None
+    if cache_file and os.path.isfile(cache_file):
+        with np.load(cache_file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        report = json.loads(str(arrays.pop("report")))
+        split = {"train": {}, "eval": {}}
+        for k, v in arrays.items():
+            part, name = k.split("__", 1)
+            split[part][name] = v
+        log.info("tokenised data from the cache %s", cache_file)
+        return PreparedData(split["train"], split["eval"] or None, report, cache_file)
+
+    if d.path:
+        convs, rep = load_conversations(source, max_records=d.max_records,
+                                        drop_leading_assistant=d.drop_leading_assistant)
+    else:
+        convs, rep = load_sharegpt(d.max_records, drop_leading_assistant=d.drop_leading_assistant)
+    train_convs, eval_convs = _split_conversations(convs, d.eval_fraction, t.seed)
+    tok = load_run_tokenizer(run_cfg)
+    train = prepare_arrays(tok, train_convs, t.seq_len, d.mode, report=rep)
+    evals = prepare_arrays(tok, eval_convs, t.seq_len, d.mode, report=rep) if eval_convs else None
+    if evals is not None and len(evals["input_ids"]) == 0:
+        evals = None
+    if len(train["input_ids"]) == 0:
+        raise ValueError(f"no training examples left after tokenisation: {rep.summary()}")
+    report = _report_dict(rep, train, evals, len(train_convs), len(eval_convs))
+    if cache_file:
+        flat = {f"train__{k}": v for k, v in train.items()}
+        flat.update({f"eval__{k}": v for k, v in (evals or {}).items()})
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = f"{cache_file}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, report=np.asarray(json.dumps(report)), **flat)
+        os.replace(tmp, cache_file)
+    return PreparedData(train, evals, report, cache_file)
+
+
+def _report_dict(rep: DataReport, train: dict, evals: dict | None, n_train: int,
+                 n_eval: int) -> dict:
+    return {
+        "source": rep.source, "records_read": rep.records_read, "kept": rep.kept,
+        "skipped": dict(rep.skipped), "truncated": rep.truncated, "summary": rep.summary(),
+        "train_conversations": n_train, "eval_conversations": n_eval,
+        "train_rows": int(len(train["input_ids"])),
+        "eval_rows": int(len(evals["input_ids"])) if evals is not None else 0,
+        "train_target_tokens": int(train["loss_mask"].sum()),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------
+
+
+def _tiny_params(cfg: ModelConfig, seed: int) -> dict:
+    """Random host parameters for a tiny model: N(0, 0.02) weights, unit norm scales, zero
+    biases. Filled with numpy from the abstract shapes, so nothing is compiled."""
+    rng = np.random.default_rng(seed)
+    model = LlamaModel(cfg)
+    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                          jax.numpy.zeros((1, 1), jax.numpy.int32))["params"])
+
+    def one(path, x):
+        name = str(path[-1].key)
+        if name == "scale":
+            return np.ones(x.shape, x.dtype)
+        if name == "bias":
+            return np.zeros(x.shape, x.dtype)
+        return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def build_base(run_cfg: RunConfig) -> tuple[ModelConfig, dict]:
+    """The base model's config and host (numpy) parameters: loaded from ``model.path`` (None:
+    the default model) or, with ``model.tiny``, random from ``train.seed``."""
+    m = run_cfg.model
+    if m.tiny:
+        cfg = tiny_config(
+            vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size,
+            intermediate_size=2 * m.tiny_hidden_size,
+            max_position_embeddings=max(256, run_cfg.train.seq_len), param_dtype=m.param_dtype,
+            dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
+        )
+        params = _tiny_params(cfg, run_cfg.train.seed)
+    else:
+        from medusa_jax.weights import load_base_model
+
+        cfg, params = load_base_model(m.path, dtype=m.param_dtype, scan_layers=m.scan_layers)
+        cfg = cfg.replace(dtype=m.dtype, remat_policy=m.remat_policy)
+    if run_cfg.train.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"train.seq_len={run_cfg.train.seq_len} exceeds the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    return cfg, params
+
+
+def _heads_host(mcfg: MedusaConfig, base: dict, model_cfg: ModelConfig) -> dict:
+    """Fresh head parameters on the host: zero ResBlocks (a fresh head is the base LM head)
+    and, without a shared LM head, copies of the base LM head (the original recipe)."""
+    M, N, D = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size
+    dt = np.dtype(jax.numpy.dtype(mcfg.param_dtype))
+    out = {"res_kernel": np.zeros((M, N, D, D), dt), "res_bias": np.zeros((M, N, D), dt)}
+    if not mcfg.shared_lm_head:
+        lm = np.asarray(lm_head_weight(base, model_cfg), dt)
+        out["lm_head"] = np.broadcast_to(lm[None], (M, *lm.shape))
+    return out
+
+
+# Jitted functions outlive one Trainer, so a notebook or a test that trains several times with
+# the same settings compiles once.
+_train_step = functools.lru_cache(maxsize=4)(make_train_step)
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_fn(model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig):
+    """``fn(params, batch) -> per-head sums`` (top-1 / top-5 hits, cross entropy, count),
+    through the training loss's own per-head statistics (``step._heads_loss``)."""
+    model = LlamaModel(model_cfg)
+    heads = MedusaHeads(medusa_cfg, dtype=model_cfg.dtype)
+
+    @jax.jit
+    def fn(params, batch):
+        hidden = base_hidden(model, params["base"], batch)
+        _, m = _heads_loss(model, heads, tcfg, params["base"], params["medusa"], hidden, batch)
+        n = m["head_count"]
+        return {"top1": m["head_top1"] * n, "top5": m["head_top5"] * n,
+                "ce": m["head_loss"] * n, "count": n}
+
+    return fn
+
+
+def _to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly multi-host) arrays; every process must call it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _any_process(flag: bool) -> bool:
+    """True when ``flag`` is set on any process (a signal may reach only one host)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+# ------------------------------------------------------------------------------------------
+# Signals and metrics
+# ------------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """Set by SIGTERM / SIGINT; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: _StopRequest):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread
+        return
+
+    def handler(signum, frame):
+        if stop.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        stop.signal = signal.Signals(signum).name
+        # no logging here: a handler may run while the logging lock is held
+        os.write(2, f"\nreceived {stop.signal}: saving a checkpoint after this step\n".encode())
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+class _MetricsLog:
+    """JSONL lines (and optional TensorBoard scalars) written by process 0 only."""
+
+    def __init__(self, path: str, enabled: bool, tb_dir: str | None):
+        self.f = None
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        if tb_dir:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    SummaryWriter = None
+            if SummaryWriter is None:
+                log.warning("log.tensorboard=true needs tensorboardX or tensorboard: skipped")
+            else:
+                self.tb = SummaryWriter(tb_dir)
+
+    def write(self, record: dict) -> None:
+        if self.f is None:
+            return
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            prefix = "eval/" if record.get("kind") == "eval" else "train/"
+            for k, v in record.items():
+                vals = v if isinstance(v, list) else [v]
+                for i, x in enumerate(vals):
+                    if isinstance(x, int | float) and not isinstance(x, bool) and k != "step":
+                        name = f"{prefix}{k}" + (f"/{i}" if isinstance(v, list) else "")
+                        self.tb.add_scalar(name, x, record["step"])
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _trim_metrics(path: str, step: int) -> None:
+    """Drop training lines past ``step``: a run killed without a checkpoint logged steps
+    the resumed run will log again."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if not (rec.get("kind") == "train" and rec.get("step", 0) > step):
+            keep.append(line)
+    if len(keep) != len(lines):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+
+
+def _reduce(window: list[dict]) -> dict:
+    """Host metrics of several steps -> one record (means; sums of counts; last of rates)."""
+    out = {}
+    for k in window[-1]:
+        vals = np.stack([np.asarray(m[k], np.float64) for m in window])
+        v = vals[-1] if k in _LAST else vals.sum(0) if k in _SUM else vals.mean(0)
+        out[k] = v.tolist() if v.ndim else (int(v) if k in _SUM + _LAST[2:] else float(v))
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The trainer
+# ------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run. The constructor prepares everything that does not depend on a
+    checkpoint (mesh, data, base weights); :meth:`run` restores or initialises the state,
+    trains, evaluates and exports. Attributes of interest after ``run``: ``state`` (the final
+    :class:`~medusa_jax.training.step.TrainState`), ``base_host`` (the original base, numpy)."""
+
+    def __init__(self, run_cfg: RunConfig):
+        self.cfg, self.tcfg, self.paths = run_cfg, run_cfg.train, run_cfg.paths()
+        devices = jax.devices()
+        if run_cfg.devices is not None:
+            if run_cfg.devices > len(devices):
+                raise ShardingError(f"devices={run_cfg.devices} but only {len(devices)} exist")
+            devices = devices[: run_cfg.devices]
+        self.mesh = make_mesh(run_cfg.mesh, devices)
+        check_batch_size(self.tcfg.batch_size, self.mesh)
+        self.data = prepare_data(run_cfg)  # before the weights: bad data fails fast
+        rep = self.data.report
+        (log.warning if rep["skipped"] else log.info)("data: %s", rep["summary"])
+        if self.data.train["input_ids"].shape[0] < self.tcfg.batch_size:
+            raise ValueError(
+                f"only {rep['train_rows']} training rows for train.batch_size="
+                f"{self.tcfg.batch_size} ({rep['summary']}): add data or lower the batch size")
+        self.model_cfg, self.base_host = build_base(run_cfg)
+        top = int(max(self.data.train["input_ids"].max(), 0))
+        if top >= self.model_cfg.vocab_size:
+            raise ValueError(f"token id {top} >= the model's vocab_size "
+                             f"{self.model_cfg.vocab_size}: the tokenizer does not fit the model")
+        m = run_cfg.medusa
+        self.medusa_cfg = MedusaConfig.for_model(
+            self.model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
+            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype)
+        self.shardings = state_shardings(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
+        self.state = None
+
+    # ------------------------------------------------------------------------------ state
+    def _place_base(self):
+        return shard_params(self.base_host, self.shardings.params["base"])
+
+    def _fresh_state(self):
+        base = self._place_base()
+        medusa = shard_params(_heads_host(self.medusa_cfg, self.base_host, self.model_cfg),
+                              self.shardings.params["medusa"])
+        return init_train_state(self.model_cfg, self.medusa_cfg, self.tcfg,
+                                {"base": base, "medusa": medusa}, self.mesh)
+
+    def _check_resumable(self, meta: dict) -> None:
+        old, new = _flatten(meta.get("config", {})), _flatten(to_dict(self.cfg))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        bad = [k for k in diff if k.startswith(_MUST_MATCH)]
+        if bad:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in bad)
+            raise CheckpointError(
+                f"the checkpoints in {self.paths.checkpoints} belong to another run ({shown}); "
+                "use another checkpoint.dir, or delete it to start afresh")
+        if diff:
+            log.warning("resuming with changed settings: %s", ", ".join(diff))
+
+    # -------------------------------------------------------------------------------- run
+    def run(self, should_stop: Callable[[int], bool] | None = None) -> dict:
+        """Train to ``train.steps`` (resuming from the latest checkpoint), then evaluate and
+        export. ``should_stop(step)`` is asked after every step; True (like SIGTERM) saves a
+        checkpoint and returns early with ``interrupted`` set. Returns the summary dict."""
+        t0 = time.perf_counter()
+        cfg, tcfg, paths = self.cfg, self.tcfg, self.paths
+        main = jax.process_index() == 0
+        if main:
+            os.makedirs(paths.root, exist_ok=True)
+            dump_yaml(cfg, paths.config)
+        ck = cfg.checkpoint
+        ckpt = TrainCheckpointer(paths.checkpoints, keep=ck.keep, async_save=ck.async_save)
+        it = BatchIterator(self.data.train, tcfg.batch_size, tcfg.seed, jax.process_index(),
+                           jax.process_count())
+        start, prev_wall = ckpt.latest_step(), 0.0
+        if start is not None and not ck.resume:
+            raise CheckpointError(f"{paths.checkpoints} already holds checkpoints (latest step "
+                                  f"{start}) and checkpoint.resume=false: use another "
+                                  "checkpoint.dir or delete it")
+        if start is not None:
+            self._check_resumable(ckpt.read_meta(start))
+            abstract = abstract_checkpoint_tree(self.model_cfg, self.medusa_cfg, tcfg, self.mesh)
+            tree, meta = ckpt.restore(abstract, start)
+            base = self._place_base() if tcfg.mode == "medusa1" else None
+            self.state = state_from_tree(tcfg, tree, base)
+            it.restore(meta["data"])
+            prev_wall = float(meta.get("extra", {}).get("wall_time_s", 0.0))
+            if main:
+                _trim_metrics(paths.metrics, start)
+            log.info("resumed from step %d of %s", start, paths.checkpoints)
+        else:
+            self.state = self._fresh_state()
+        kd = tcfg.mode == "medusa2" and tcfg.kd
+        frozen = self._place_base() if kd else None
+        step_fn = _train_step(self.model_cfg, self.medusa_cfg, tcfg, self.mesh)
+
+        def save(step: int) -> None:
+            meta = {"data": it.state(), "config": to_dict(cfg),
+                    "extra": {"wall_time_s": prev_wall + time.perf_counter() - t0}}
+            ckpt.save(step, checkpoint_tree(tcfg, self.state), meta)
+
+        stop = _StopRequest()
+        metrics = _MetricsLog(paths.metrics, main,
+                              paths.tensorboard if cfg.log.tensorboard else None)
+        from tqdm.auto import tqdm
+
+        step = first = int(jax.device_get(self.state.step))
+        bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.log.progress and main))
+        row_tokens = tcfg.batch_size * tcfg.seq_len
+        window, last, compile_s, t_win, timed = [], {}, None, time.perf_counter(), 0
+        interrupted = False
+        try:
+            with _stop_on_signals(stop):
+                while step < tcfg.steps:
+                    batch = shard_batch(next(it), self.mesh)
+                    args = (self.state, batch, frozen) if kd else (self.state, batch)
+                    self.state, m = step_fn(*args)
+                    step += 1
+                    window.append(m)
+                    if compile_s is None:  # keep the compile out of the throughput
+                        jax.block_until_ready(m)
+                        compile_s = time.perf_counter() - t_win
+                        t_win, timed = time.perf_counter(), 0
+                    else:
+                        timed += 1
+                    bar.update(1)
+                    want_stop = stop.signal is not None or bool(should_stop and should_stop(step))
+                    want_stop = _any_process(want_stop)
+                    if step % cfg.log.every_steps == 0 or step == tcfg.steps or want_stop:
+                        last = _reduce(jax.device_get(window))
+                        dt = time.perf_counter() - t_win
+                        last.update(kind="train", step=step, wall_time_s=round(
+                            prev_wall + time.perf_counter() - t0, 3),
+                            tokens_per_s=timed * row_tokens / dt if timed and dt > 0 else None)
+                        metrics.write(last)
+                        bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                        tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+                        window, t_win, timed = [], time.perf_counter(), 0
+                        if last["nonfinite_consecutive"] >= _MAX_NONFINITE:
+                            raise FloatingPointError(
+                                f"{last['nonfinite_consecutive']} consecutive steps with "
+                                "non-finite gradients (all skipped): lower the learning rate")
+                    if step % ck.every_steps == 0 or want_stop:
+                        save(step)
+                    if want_stop:
+                        interrupted = step < tcfg.steps
+                        break
+            save(step)
+        finally:
+            bar.close()
+            ckpt.close()
+        wall = prev_wall + time.perf_counter() - t0
+        summary = {
+            "mode": tcfg.mode, "start_step": first, "step": step, "steps": tcfg.steps,
+            "interrupted": interrupted, "signal": stop.signal, "run_dir": paths.root,
+            "checkpoint_dir": paths.checkpoints, "metrics_path": paths.metrics,
+            "data": self.data.report, "data_state": it.state(), "last_metrics": last,
+            "compile_s": compile_s, "wall_time_s": wall, "eval": None, "exports": {},
+        }
+        if interrupted:
+            metrics.close()
+            return summary
+        if self.data.eval is not None:
+            summary["eval"] = self.evaluate()
+            metrics.write({"kind": "eval", "step": step, **summary["eval"]})
+        metrics.close()
+        if cfg.export.enabled:
+            summary["exports"] = self.export(summary)
+        return summary
+
+    # ------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict:
+        """Per-head top-1 / top-5 accuracy and cross entropy on the held-out split."""
+        tcfg = self.tcfg
+        fn = _eval_fn(self.model_cfg, self.medusa_cfg, tcfg)
+        it = BatchIterator(self.data.eval, tcfg.batch_size, tcfg.seed, jax.process_index(),
+                           jax.process_count(), drop_last=False, num_epochs=1)
+        total = None
+        with mesh_context(self.mesh):
+            for b in it:
+                b.pop("valid")  # filler rows already have loss_mask 0
+                out = jax.device_get(fn(self.state.params, shard_batch(b, self.mesh)))
+                total = out if total is None else jax.tree.map(np.add, total, out)
+        n = np.maximum(total["count"], 1.0)
+        return {"head_top1": (total["top1"] / n).tolist(),
+                "head_top5": (total["top5"] / n).tolist(),
+                "head_loss": (total["ce"] / n).tolist(), "head_count": total["count"].tolist()}
+
+    # ----------------------------------------------------------------------------- export
+    def export(self, summary: dict) -> dict:
+        """Write the heads (our format + v1 layout) and, in Medusa-2, the trained base."""
+        from medusa_jax.weights import save_hf_checkpoint
+        from medusa_jax.weights.medusa_io import export_v1, save_heads
+
+        cfg, paths, mcfg = self.cfg, self.paths, self.medusa_cfg
+        medusa = _to_host(self.state.params["medusa"])
+        medusa2 = self.tcfg.mode == "medusa2"
+        base = _to_host(self.state.params["base"]) if medusa2 else self.base_host
+        if jax.process_index() != 0:
+            return {}
+        out = {}
+        base_name = "" if cfg.model.tiny else (cfg.model.path or "default")
+        metadata = {
+            "mode": self.tcfg.mode, "steps": summary["step"], "base_model": base_name,
+            "data": {k: self.data.report[k] for k in ("source", "summary", "train_rows")},
+            "wall_time_s": round(summary["wall_time_s"], 1), "eval": summary["eval"],
+        }
+        out["heads"] = save_heads(paths.heads, mcfg, medusa, metadata)
+        if medusa2:
+            save_hf_checkpoint(self.model_cfg, base, paths.base)
+            out["base"] = paths.base
+            base_name = paths.base
+        if cfg.export.v1:
+            lm = lm_head_weight(base, self.model_cfg) if mcfg.shared_lm_head else None
+            out["heads_v1"] = export_v1(paths.heads_v1, mcfg, medusa, base_lm_head=lm,
+                                        base_model_name_or_path=base_name)
+        return out
+
+
+def train(run_cfg: RunConfig, should_stop: Callable[[int], bool] | None = None) -> dict:
+    """Run (or resume) one training run end to end; returns :meth:`Trainer.run`'s summary."""
+    return Trainer(run_cfg).run(should_stop)

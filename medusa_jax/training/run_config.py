@@ -1,0 +1,202 @@
+"""The configuration of one training run: model, heads, mesh, optimisation, data, checkpoints,
+logging and exports, as one frozen dataclass read from YAML plus overrides.
+
+    cfg = load_run_config("configs/smollm2_medusa1.yaml", ["train.steps=200"])
+
+Paths left at None default to places inside ``checkpoint.dir`` (see :meth:`RunConfig.paths`),
+so one directory holds everything a run writes: ``config.yaml``, ``checkpoints/``,
+``metrics.jsonl``, ``data_cache/``, ``heads/``, ``heads_v1/`` and (Medusa-2) ``base/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+from medusa_jax.config import ConfigError
+from medusa_jax.runconfig import load_config
+from medusa_jax.sharding import MeshConfig
+from medusa_jax.training.config import TrainConfig
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+BYTES_TOKENIZER = "bytes"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The base model. ``path``: a Hugging Face checkpoint directory or a .gguf file (None: the
+    default SmolLM2-135M-Instruct). ``tiny``: a random-weight tiny Llama instead (tests, smoke
+    runs; ``tiny_vocab_size`` must cover the tokenizer's ids). ``tokenizer``: a HF tokenizer
+    directory or .gguf file (None: the model's own, or the default model's for ``tiny``);
+    ``"bytes"`` is a byte-level stand-in with 259 ids. ``dtype`` is the compute dtype,
+    ``param_dtype`` that of the stored (master) weights."""
+
+    path: str | None = None
+    tiny: bool = False
+    tiny_vocab_size: int = 49152
+    tiny_hidden_size: int = 32
+    tokenizer: str | None = None
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    scan_layers: bool = True
+    remat_policy: Literal["none", "full", "dots"] = "none"
+
+    def __post_init__(self):
+        _check(not (self.tiny and self.path), f"model.tiny=true and model.path={self.path!r}: "
+               "choose one (tiny builds a random model, path loads one)")
+        _check(self.tiny_vocab_size > 0 and self.tiny_hidden_size > 0,
+               f"model.tiny_vocab_size/tiny_hidden_size must be > 0, got "
+               f"{self.tiny_vocab_size}/{self.tiny_hidden_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaSection:
+    """The heads: ``num_heads`` heads of ``num_layers`` ResBlocks each, projecting through the
+    base LM head (``shared_lm_head``) or their own copy of it."""
+
+    num_heads: int = 4
+    num_layers: int = 1
+    shared_lm_head: bool = True
+    param_dtype: Dtype = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """Training conversations. ``path``: JSON list / JSONL / parquet in ShareGPT or messages
+    form (None: the packaged ShareGPT). Rows are ``train.seq_len`` tokens, one conversation each
+    (``mode: pad``) or several (``pack``). ``eval_fraction`` of the conversations (chosen by
+    ``train.seed``) is held out for the final evaluation. Tokenised arrays are cached in
+    ``cache_dir`` (None: ``<checkpoint.dir>/data_cache``), keyed by every input they depend on."""
+
+    path: str | None = None
+    max_records: int | None = None
+    mode: Literal["pad", "pack"] = "pack"
+    drop_leading_assistant: bool = True
+    eval_fraction: float = 0.02
+    cache: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        _check(self.max_records is None or self.max_records > 0,
+               f"data.max_records must be > 0 or null, got {self.max_records}")
+        _check(0.0 <= self.eval_fraction < 1.0,
+               f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """Orbax checkpoints in ``<dir>/checkpoints``: every ``every_steps`` steps and at the end,
+    the last ``keep`` kept, written in the background when ``async_save``. With ``resume`` a
+    run continues from the latest checkpoint in ``dir``."""
+
+    dir: str = "runs/medusa"
+    every_steps: int = 500
+    keep: int = 2
+    async_save: bool = True
+    resume: bool = True
+
+    def __post_init__(self):
+        _check(bool(self.dir), "checkpoint.dir must not be empty")
+        _check(self.every_steps > 0, f"checkpoint.every_steps must be > 0, got {self.every_steps}")
+        _check(self.keep > 0, f"checkpoint.keep must be > 0, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    """Metrics every ``every_steps`` steps to JSONL (``metrics_path``, None:
+    ``<checkpoint.dir>/metrics.jsonl``), a tqdm bar (``progress``) and, with ``tensorboard``,
+    event files in ``<checkpoint.dir>/tensorboard`` (needs tensorboardX or torch)."""
+
+    metrics_path: str | None = None
+    every_steps: int = 10
+    progress: bool = True
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        _check(self.every_steps > 0, f"log.every_steps must be > 0, got {self.every_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """What the finished run writes: heads in our format (``heads_dir``), in the original
+    Medusa v1 layout (``v1_dir``, if ``v1``) and, for Medusa-2, the trained base as a Hugging
+    Face checkpoint (``base_dir``). None: ``heads``, ``heads_v1``, ``base`` in
+    ``checkpoint.dir``."""
+
+    enabled: bool = True
+    heads_dir: str | None = None
+    v1: bool = True
+    v1_dir: str | None = None
+    base_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Every file and directory a run reads or writes, resolved (absolute)."""
+
+    root: str
+    config: str
+    checkpoints: str
+    metrics: str
+    data_cache: str
+    tensorboard: str
+    heads: str
+    heads_v1: str
+    base: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One Medusa training run. ``devices``: use the first N local devices (None: all)."""
+
+    model: ModelSection = ModelSection()
+    medusa: MedusaSection = MedusaSection()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataSection = DataSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+    export: ExportSection = ExportSection()
+    devices: int | None = None
+
+    def __post_init__(self):
+        _check(self.devices is None or self.devices > 0,
+               f"devices must be > 0 or null, got {self.devices}")
+
+    def paths(self) -> RunPaths:
+        """Where this run's files go (None paths resolved inside ``checkpoint.dir``)."""
+        root = os.path.abspath(os.path.expanduser(self.checkpoint.dir))
+
+        def pick(value: str | None, default: str) -> str:
+            return os.path.abspath(os.path.expanduser(value)) if value else os.path.join(
+                root, default)
+
+        return RunPaths(
+            root=root,
+            config=os.path.join(root, "config.yaml"),
+            checkpoints=os.path.join(root, "checkpoints"),
+            metrics=pick(self.log.metrics_path, "metrics.jsonl"),
+            data_cache=pick(self.data.cache_dir, "data_cache"),
+            tensorboard=os.path.join(root, "tensorboard"),
+            heads=pick(self.export.heads_dir, "heads"),
+            heads_v1=pick(self.export.v1_dir, "heads_v1"),
+            base=pick(self.export.base_dir, "base"),
+        )
+
+    def replace(self, **sections) -> RunConfig:
+        return dataclasses.replace(self, **sections)
+
+
+def load_run_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+                    ) -> RunConfig:
+    """A :class:`RunConfig` from dataclass defaults < the YAML at ``path`` < ``overrides``
+    (``key.sub=value`` or ``--set key.sub=value`` tokens). Raises ConfigError naming the key
+    for unknown keys, wrong types and invalid values."""
+    return load_config(RunConfig, path, overrides)

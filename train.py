@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Train Medusa heads: self-distil a dataset, then Medusa-1 (frozen base) or Medusa-2 (joint).
+
+    python train.py distill --out data/distilled.jsonl --max-conversations 2000
+    python train.py medusa1 --config configs/smollm2_medusa1.yaml data.path=data/distilled.jsonl
+    python train.py medusa2 --config configs/smollm2_medusa2.yaml --set train.steps=500
+
+Overrides are ``key.sub=value`` tokens or ``--set key.sub=value`` (values are YAML). Rerunning
+a medusa1/medusa2 command with the same checkpoint.dir resumes from its latest checkpoint;
+SIGTERM or Ctrl-C saves a checkpoint at the next step and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="let the base model answer a dataset's prompts (JSONL)",
+                       description="Self-distillation: the base model answers the user turns of "
+                       "a ShareGPT-style file; the answers become the training data. Resumable.")
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default=None,
+                   help="JSON/JSONL/parquet conversations (default: the packaged ShareGPT)")
+    p.add_argument("--out", required=True, help="output JSONL (appended to: reruns resume)")
+    p.add_argument("--max-conversations", type=int, default=None)
+    p.add_argument("--max-turns", type=int, default=1, help="user turns answered per conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming")
+
+
+def _add_train(sub, mode: str, what: str) -> None:
+    p = sub.add_parser(mode, help=what, description=f"{what}. Settings: the YAML given with "
+                       "--config, then overrides. train.mode is set to " + repr(mode) + ".")
+    p.add_argument("--config", default=None, help="run config YAML (see configs/)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="more overrides, e.g. train.batch_size=16 checkpoint.dir=runs/x")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{distill,medusa1,medusa2}")
+    _add_distill(sub)
+    _add_train(sub, "medusa1", "train Medusa heads on a frozen base model")
+    _add_train(sub, "medusa2", "train heads and base jointly (optionally distilling from the "
+               "original base)")
+    return p.parse_args(argv)
+
+
+def run_distill(args) -> int:
+    from medusa_jax.training.distill import distill
+
+    summary = distill(args.model, args.data, args.out, max_conversations=args.max_conversations,
+                      max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+                      dtype=args.dtype, resume=not args.no_resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def run_train(args) -> int:
+    import yaml
+
+    from medusa_jax.runconfig import to_dict
+    from medusa_jax.training.run_config import load_run_config
+
+    tokens = [*args.overrides]
+    for s in args.sets:
+        tokens += ["--set", s]
+    cfg = load_run_config(args.config, [*tokens, f"train.mode={args.command}"])
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from medusa_jax.training.loop import train
+
+    summary = train(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    if summary["interrupted"]:
+        cmd = " ".join(["python", *sys.argv]) if sys.argv else "the same command"
+        print(f"stopped by {summary['signal'] or 'request'} at step {summary['step']}/"
+              f"{summary['steps']}; checkpoint saved in {summary['checkpoint_dir']}.\n"
+              f"To resume, run the same command again: {cmd}", file=sys.stderr)
+        return 0
+    ev = summary.get("eval")
+    print(f"done: {summary['step']} steps in {summary['wall_time_s']:.0f}s; run dir "
+          f"{summary['run_dir']}", file=sys.stderr)
+    if ev:
+        top1 = ", ".join(f"{a:.3f}" for a in ev["head_top1"])
+        top5 = ", ".join(f"{a:.3f}" for a in ev["head_top5"])
+        print(f"held-out accuracy per head: top-1 [{top1}]  top-5 [{top5}]", file=sys.stderr)
+    for name, path in summary.get("exports", {}).items():
+        print(f"exported {name}: {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("medusa_jax").setLevel(logging.INFO)  # ours at INFO, libraries quieter
+    from medusa_jax.config import ConfigError
+    from medusa_jax.sharding import ShardingError
+    from medusa_jax.weights.errors import CheckpointError
+
+    try:
+        return run_distill(args) if args.command == "distill" else run_train(args)
+    except (ConfigError, CheckpointError, ShardingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
