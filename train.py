@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, ShardingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up
+        print("\ninterrupted (no checkpoint written for the current step)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -118,6 +118,15 @@ def _use_gloo_on_cpu() -> None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
+def _set_cpu_device_count(n: int) -> None:
+    if _backends_started():
+        raise DistributedError(
+            f"local_device_count={n} must be set before anything starts a jax backend "
+            "(jax.devices(), arrays, jit calls): call maybe_initialize() first thing"
+        )
+    jax.config.update("jax_num_cpu_devices", n)
+
+
 def maybe_initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -192,8 +201,10 @@ def maybe_initialize(
             )
         return current
 
-    if not wanted:
-        return current  # single process: nothing to start
+    if not wanted:  # single process: nothing to start, but the CPU device count still applies
+        if ndev is not None:
+            _set_cpu_device_count(ndev)
+        return current
     coord_known = coord if coord is not None else os.environ.get("JAX_COORDINATOR_ADDRESS")
     if explicit and not auto and None in (coord_known, nproc, pid):
         missing = [
@@ -220,7 +231,7 @@ def maybe_initialize(
     # ----------------------------------------------------------------- start
     _use_gloo_on_cpu()
     if ndev is not None:
-        jax.config.update("jax_num_cpu_devices", ndev)
+        _set_cpu_device_count(ndev)
     if bind is None and coord is not None and _is_loopback(coord.rpartition(":")[0]):
         bind = coord
     kwargs = dict(

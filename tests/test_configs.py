@@ -89,7 +89,8 @@ def test_bad_mesh_is_a_sharding_error():
 
 
 def test_overrides_apply_in_order():
-    cfg = load_run_config(TINY, ["train.steps=3", "--set", "train.steps=5", "--set=log.every_steps=2"])
+    cfg = load_run_config(TINY, ["train.steps=3", "--set", "train.steps=5",
+                                 "--set=log.every_steps=2"])
     assert cfg.train.steps == 5 and cfg.log.every_steps == 2
     paths = cfg.replace(checkpoint=cfg.checkpoint.__class__(dir="/tmp/x")).paths()
     assert paths.metrics == "/tmp/x/metrics.jsonl" and paths.checkpoints == "/tmp/x/checkpoints"

@@ -83,24 +83,35 @@ def assert_trees_equal(a, b, atol=0.0):
 
 @pytest.mark.parametrize("extra", [(), MEDUSA2_KD], ids=["medusa1", "medusa2_kd"])
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, data_file, cache_dir, extra):
-    straight = Trainer(config(tmp_path / "a", data_file, cache_dir, STEPS, *extra))
+    # Saving every 2 steps (in the background, while later steps reuse the donated buffers).
+    settings = (STEPS, "checkpoint.every_steps=2", *extra)
+    straight = Trainer(config(tmp_path / "a", data_file, cache_dir, *settings))
     s_a = straight.run()
     assert not s_a["interrupted"] and s_a["step"] == 6
 
-    cfg_b = config(tmp_path / "b", data_file, cache_dir, STEPS, *extra)
+    cfg_b = config(tmp_path / "b", data_file, cache_dir, *settings)
     s_b1 = train(cfg_b, should_stop=stop_at(3))
     assert s_b1["interrupted"] and s_b1["step"] == 3 and s_b1["eval"] is None
-    assert TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [3]
+    assert TrainCheckpointer(tmp_path / "b" / "checkpoints").all_steps() == [2, 3]
     resumed = Trainer(cfg_b)
     s_b2 = resumed.run()
     assert s_b2["start_step"] == 3 and s_b2["step"] == 6 and not s_b2["interrupted"]
 
     tcfg = straight.tcfg
-    assert_trees_equal(host(checkpoint_tree(tcfg, straight.state)),
-                       host(checkpoint_tree(tcfg, resumed.state)), atol=1e-6)
+    final = host(checkpoint_tree(tcfg, straight.state))
+    assert_trees_equal(final, host(checkpoint_tree(tcfg, resumed.state)), atol=1e-6)
     assert s_a["data_state"] == s_b2["data_state"]
     for key, value in s_a["eval"].items():
         np.testing.assert_allclose(value, s_b2["eval"][key], atol=1e-6)
+    # The checkpoints on disk agree too, the last one with the final state.
+    for step in (4, 6):
+        a, meta_a = restore_checkpoint(tmp_path / "a" / "checkpoints", straight.model_cfg,
+                                       straight.medusa_cfg, tcfg, straight.mesh, step)
+        b, meta_b = restore_checkpoint(tmp_path / "b" / "checkpoints", straight.model_cfg,
+                                       straight.medusa_cfg, tcfg, straight.mesh, step)
+        assert_trees_equal(host(a), host(b), atol=1e-6)
+        assert meta_a["data"] == meta_b["data"]
+    assert_trees_equal(host(a), final)
     # The metrics file of the interrupted run holds each training step once.
     lines = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
     assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 7))

@@ -538,6 +538,26 @@ class Trainer:
             log.warning("resuming with changed settings: %s", ", ".join(diff))
 
     # -------------------------------------------------------------------------------- run
+    def _restore(self, ckpt: TrainCheckpointer, it: BatchIterator) -> float:
+        """Set ``self.state`` from the latest checkpoint (moving ``it`` to its position) or
+        fresh; returns the wall time the checkpointed run had already spent."""
+        start = ckpt.latest_step()
+        if start is None:
+            self.state = self._fresh_state()
+            return 0.0
+        if not self.cfg.checkpoint.resume:
+            raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step "
+                                  f"{start}) and checkpoint.resume=false: use another "
+                                  "checkpoint.dir or delete it")
+        self._check_resumable(ckpt.read_meta(start))
+        abstract = abstract_checkpoint_tree(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
+        tree, meta = ckpt.restore(abstract, start)
+        base = self._place_base() if self.tcfg.mode == "medusa1" else None
+        self.state = state_from_tree(self.tcfg, tree, base)
+        it.restore(meta["data"])
+        log.info("resumed from step %d of %s", start, ckpt.directory)
+        return float(meta.get("extra", {}).get("wall_time_s", 0.0))
+
     def run(self, should_stop: Callable[[int], bool] | None = None) -> dict:
         """Train to ``train.steps`` (resuming from the latest checkpoint), then evaluate and
         export. ``should_stop(step)`` is asked after every step; True (like SIGTERM) saves a
@@ -545,109 +565,101 @@ class Trainer:
         t0 = time.perf_counter()
         cfg, tcfg, paths = self.cfg, self.tcfg, self.paths
         main = jax.process_index() == 0
-        if main:
-            os.makedirs(paths.root, exist_ok=True)
-            dump_yaml(cfg, paths.config)
-        ck = cfg.checkpoint
-        ckpt = TrainCheckpointer(paths.checkpoints, keep=ck.keep, async_save=ck.async_save)
         it = BatchIterator(self.data.train, tcfg.batch_size, tcfg.seed, jax.process_index(),
                            jax.process_count())
-        start, prev_wall = ckpt.latest_step(), 0.0
-        if start is not None and not ck.resume:
-            raise CheckpointError(f"{paths.checkpoints} already holds checkpoints (latest step "
-                                  f"{start}) and checkpoint.resume=false: use another "
-                                  "checkpoint.dir or delete it")
-        if start is not None:
-            self._check_resumable(ckpt.read_meta(start))
-            abstract = abstract_checkpoint_tree(self.model_cfg, self.medusa_cfg, tcfg, self.mesh)
-            tree, meta = ckpt.restore(abstract, start)
-            base = self._place_base() if tcfg.mode == "medusa1" else None
-            self.state = state_from_tree(tcfg, tree, base)
-            it.restore(meta["data"])
-            prev_wall = float(meta.get("extra", {}).get("wall_time_s", 0.0))
-            if main:
-                _trim_metrics(paths.metrics, start)
-            log.info("resumed from step %d of %s", start, paths.checkpoints)
-        else:
-            self.state = self._fresh_state()
-        kd = tcfg.mode == "medusa2" and tcfg.kd
-        frozen = self._place_base() if kd else None
-        step_fn = _train_step(self.model_cfg, self.medusa_cfg, tcfg, self.mesh)
-
-        def save(step: int) -> None:
-            meta = {"data": it.state(), "config": to_dict(cfg),
-                    "extra": {"wall_time_s": prev_wall + time.perf_counter() - t0}}
-            ckpt.save(step, checkpoint_tree(tcfg, self.state), meta)
-
+        ckpt = TrainCheckpointer(paths.checkpoints, keep=cfg.checkpoint.keep,
+                                 async_save=cfg.checkpoint.async_save)
         stop = _StopRequest()
-        metrics = _MetricsLog(paths.metrics, main,
-                              paths.tensorboard if cfg.log.tensorboard else None)
-        from tqdm.auto import tqdm
-
-        step = first = int(jax.device_get(self.state.step))
-        bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.log.progress and main))
-        row_tokens = tcfg.batch_size * tcfg.seq_len
-        window, last, compile_s, t_win, timed = [], {}, None, time.perf_counter(), 0
-        interrupted = False
         try:
-            with _stop_on_signals(stop):
-                while step < tcfg.steps:
-                    batch = shard_batch(next(it), self.mesh)
-                    args = (self.state, batch, frozen) if kd else (self.state, batch)
-                    self.state, m = step_fn(*args)
-                    step += 1
-                    window.append(m)
-                    if compile_s is None:  # keep the compile out of the throughput
-                        jax.block_until_ready(m)
-                        compile_s = time.perf_counter() - t_win
-                        t_win, timed = time.perf_counter(), 0
-                    else:
-                        timed += 1
-                    bar.update(1)
-                    want_stop = stop.signal is not None or bool(should_stop and should_stop(step))
-                    want_stop = _any_process(want_stop)
-                    if step % cfg.log.every_steps == 0 or step == tcfg.steps or want_stop:
-                        last = _reduce(jax.device_get(window))
-                        dt = time.perf_counter() - t_win
-                        last.update(kind="train", step=step, wall_time_s=round(
-                            prev_wall + time.perf_counter() - t0, 3),
-                            tokens_per_s=timed * row_tokens / dt if timed and dt > 0 else None)
-                        metrics.write(last)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}",
-                                        tok_s=f"{last['tokens_per_s'] or 0:.0f}")
-                        window, t_win, timed = [], time.perf_counter(), 0
-                        if last["nonfinite_consecutive"] >= _MAX_NONFINITE:
-                            raise FloatingPointError(
-                                f"{last['nonfinite_consecutive']} consecutive steps with "
-                                "non-finite gradients (all skipped): lower the learning rate")
-                    if step % ck.every_steps == 0 or want_stop:
-                        save(step)
-                    if want_stop:
-                        interrupted = step < tcfg.steps
-                        break
-            save(step)
+            prev_wall = self._restore(ckpt, it)
+            first = int(jax.device_get(self.state.step))
+            if main:  # only now: a refused resume must not overwrite the run's config
+                dump_yaml(cfg, paths.config)
+                _trim_metrics(paths.metrics, first)
+            metrics = _MetricsLog(paths.metrics, main,
+                                  paths.tensorboard if cfg.log.tensorboard else None)
+            try:
+                with _stop_on_signals(stop):
+                    step, last, compile_s = self._loop(ckpt, it, metrics, stop, should_stop,
+                                                       t0 - prev_wall)
+                interrupted = step < tcfg.steps
+                summary = {
+                    "mode": tcfg.mode, "start_step": first, "step": step, "steps": tcfg.steps,
+                    "interrupted": interrupted, "signal": stop.signal, "run_dir": paths.root,
+                    "checkpoint_dir": paths.checkpoints, "metrics_path": paths.metrics,
+                    "data": self.data.report, "data_state": it.state(), "last_metrics": last,
+                    "compile_s": compile_s, "wall_time_s": prev_wall + time.perf_counter() - t0,
+                    "eval": None, "exports": {},
+                }
+                if not interrupted and self.data.eval is not None:
+                    summary["eval"] = self.evaluate()
+                    metrics.write({"kind": "eval", "step": step, **summary["eval"]})
+            finally:
+                metrics.close()
         finally:
-            bar.close()
-            ckpt.close()
-        wall = prev_wall + time.perf_counter() - t0
-        summary = {
-            "mode": tcfg.mode, "start_step": first, "step": step, "steps": tcfg.steps,
-            "interrupted": interrupted, "signal": stop.signal, "run_dir": paths.root,
-            "checkpoint_dir": paths.checkpoints, "metrics_path": paths.metrics,
-            "data": self.data.report, "data_state": it.state(), "last_metrics": last,
-            "compile_s": compile_s, "wall_time_s": wall, "eval": None, "exports": {},
-        }
-        if interrupted:
-            metrics.close()
-            return summary
-        if self.data.eval is not None:
-            summary["eval"] = self.evaluate()
-            metrics.write({"kind": "eval", "step": step, **summary["eval"]})
-        metrics.close()
-        if cfg.export.enabled:
+            ckpt.close()  # waits for background writes
+        if not interrupted and cfg.export.enabled:
             summary["exports"] = self.export(summary)
         return summary
+
+    def _loop(self, ckpt, it, metrics, stop, should_stop, t_origin) -> tuple[int, dict, float]:
+        """Steps until ``train.steps`` or a stop request, logging and checkpointing; the last
+        step is always saved. Returns ``(step, last logged metrics, compile seconds)``."""
+        cfg, tcfg = self.cfg, self.tcfg
+        kd = tcfg.mode == "medusa2" and tcfg.kd
+        frozen = self._place_base() if kd else None  # the original base, never donated
+        step_fn = _train_step(self.model_cfg, self.medusa_cfg, tcfg, self.mesh)
+        row_tokens = tcfg.batch_size * tcfg.seq_len
+        step = int(jax.device_get(self.state.step))
+
+        def save() -> None:
+            meta = {"data": it.state(), "config": to_dict(cfg),
+                    "extra": {"wall_time_s": time.perf_counter() - t_origin}}
+            ckpt.save(step, checkpoint_tree(tcfg, self.state), meta)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=tcfg.steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.log.progress and jax.process_index() == 0))
+        window, last, compile_s, t_win, timed = [], {}, None, time.perf_counter(), 0
+        try:
+            while step < tcfg.steps:
+                batch = shard_batch(next(it), self.mesh)
+                args = (self.state, batch, frozen) if kd else (self.state, batch)
+                self.state, m = step_fn(*args)
+                step += 1
+                window.append(m)
+                if compile_s is None:  # keep the compilation out of the throughput
+                    jax.block_until_ready(m)
+                    compile_s = time.perf_counter() - t_win
+                    t_win, timed = time.perf_counter(), 0
+                else:
+                    timed += 1
+                bar.update(1)
+                stopping = _any_process(
+                    stop.signal is not None or bool(should_stop and should_stop(step)))
+                if step % cfg.log.every_steps == 0 or step == tcfg.steps or stopping:
+                    dt = time.perf_counter() - t_win
+                    last = _reduce(jax.device_get(window))
+                    last.update(kind="train", step=step,
+                                wall_time_s=round(time.perf_counter() - t_origin, 3),
+                                tokens_per_s=timed * row_tokens / dt if timed else None)
+                    metrics.write(last)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}",
+                                    tok_s=f"{last['tokens_per_s'] or 0:.0f}")
+                    window, t_win, timed = [], time.perf_counter(), 0
+                    if last["nonfinite_consecutive"] >= _MAX_NONFINITE:
+                        raise FloatingPointError(
+                            f"{last['nonfinite_consecutive']} consecutive steps with "
+                            "non-finite gradients (all skipped): lower the learning rate")
+                if step % cfg.checkpoint.every_steps == 0 or stopping:
+                    save()
+                if stopping:
+                    break
+            save()  # no-op when this step is saved already
+        finally:
+            bar.close()
+        return step, last, compile_s
 
     # ------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict:
