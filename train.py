@@ -88,8 +88,10 @@ def run_train(args) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
+    from medusa_jax.distributed import maybe_initialize
     from medusa_jax.training.loop import train
 
+    maybe_initialize()  # multi-host runs (MEDUSA_* / JAX_COORDINATOR_ADDRESS); else a no-op
     summary = train(cfg)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -116,12 +118,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("medusa_jax").setLevel(logging.INFO)  # ours at INFO, libraries quieter
     from medusa_jax.config import ConfigError
+    from medusa_jax.distributed import DistributedError
     from medusa_jax.sharding import ShardingError
     from medusa_jax.weights.errors import CheckpointError
 
     try:
         return run_distill(args) if args.command == "distill" else run_train(args)
-    except (ConfigError, CheckpointError, ShardingError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, ShardingError, DistributedError, ValueError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.distributed import global_batch_from_local
 from medusa_jax.model.heads import MedusaHeads
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
@@ -41,7 +42,6 @@ from medusa_jax.sharding import (
     check_batch_size,
     make_mesh,
     mesh_context,
-    shard_batch,
     shard_params,
 )
 from medusa_jax.training.checkpoint import (
@@ -624,7 +624,7 @@ class Trainer:
         window, last, compile_s, t_win, timed = [], {}, None, time.perf_counter(), 0
         try:
             while step < tcfg.steps:
-                batch = shard_batch(next(it), self.mesh)
+                batch = global_batch_from_local(next(it), self.mesh)
                 args = (self.state, batch, frozen) if kd else (self.state, batch)
                 self.state, m = step_fn(*args)
                 step += 1
@@ -672,7 +672,8 @@ class Trainer:
         with mesh_context(self.mesh):
             for b in it:
                 b.pop("valid")  # filler rows already have loss_mask 0
-                out = jax.device_get(fn(self.state.params, shard_batch(b, self.mesh)))
+                batch = global_batch_from_local(b, self.mesh)
+                out = jax.device_get(fn(self.state.params, batch))
                 total = out if total is None else jax.tree.map(np.add, total, out)
         n = np.maximum(total["count"], 1.0)
         return {"head_top1": (total["top1"] / n).tolist(),
