@@ -222,8 +222,10 @@ def topology_mesh(topo: Topology | str, mesh_cfg: MeshConfig) -> Mesh:
 class AOTReport:
     """What one ahead-of-time compile found. Byte counts are per device (chip); ``memory`` holds
     the compiler's ``memory_analysis()``: ``argument``, ``output``, ``alias`` (outputs written
-    into donated arguments), ``temp``, ``code`` and ``total`` = argument + output - alias +
-    temp + code."""
+    into donated arguments), ``temp``, ``code``, ``peak`` (the compiler's peak of live bytes,
+    what it checks against the HBM), ``total`` (= ``peak``, or the sum of the parts when the
+    compiler gives no peak) and ``sum_of_parts`` = argument + output - alias + temp + code (an
+    upper bound: temporaries reuse buffers that are free by then)."""
 
     kind: str  # "train" | "decode"
     topology: str
@@ -274,17 +276,21 @@ class AOTReport:
         lines = [
             f"{self.kind} on {self.topology} ({self.num_devices} {self.chip} devices, "
             f"{self.num_hosts} host{'s' * (self.num_hosts > 1)}), mesh data x fsdp x tensor = "
-            f"{mesh}, {_model_str(self.model)}",
+            f"{mesh}, {_model_str(self.model, self.kind)}",
             f"  compiled in {self.compile_s:.1f} s: "
             + ("FITS" if self.fits else "DOES NOT FIT"),
         ]
         if self.memory is not None:
             m = self.memory
             lines.append(
-                f"  per device: total {_gib(m['total'])} of {_gib(self.hbm_bytes)} "
-                f"(arguments {_gib(m['argument'])}, outputs {_gib(m['output'])}, aliased "
-                f"{_gib(m['alias'])}, temporaries {_gib(m['temp'])}, code {_gib(m['code'])})"
+                f"  per device: peak {_gib(m['total'])} of {_gib(self.hbm_bytes)} (arguments "
+                f"{_gib(m['argument'])}, outputs {_gib(m['output'])}, aliased "
+                f"{_gib(m['alias'])}, temporaries {_gib(m['temp'])}, code {_gib(m['code'])}; "
+                f"sum {_gib(m['sum_of_parts'])})"
             )
+            if self.extra.get("entry_relayout_bytes"):
+                lines.append(f"  of the temporaries, {_gib(self.extra['entry_relayout_bytes'])} "
+                             "are the compiler re-tiling arguments into its preferred layouts")
         elif self.needed_bytes:
             lines.append(
                 f"  per device: needs {_gib(self.needed_bytes)}, has {_gib(self.hbm_bytes)}"
@@ -321,14 +327,20 @@ class AOTReport:
 
 
 def _gib(n) -> str:
-    return "?" if n is None else f"{n / GiB:.2f} GiB"
+    """Bytes in GiB (MiB / KiB below one)."""
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
-def _model_str(m: dict) -> str:
-    return (
-        f"{m['params'] / 1e9:.2f}B params, {m['param_dtype']} params / {m['dtype']} compute, "
-        f"remat={m['remat_policy']}, scan_layers={m['scan_layers']}"
-    )
+def _model_str(m: dict, kind: str = "train") -> str:
+    s = f"{m['params'] / 1e9:.2f}B params, {m['param_dtype']} params / {m['dtype']} compute"
+    if kind == "train":
+        s += f", remat={m['remat_policy']}"
+    return s + f", scan_layers={m['scan_layers']}"
 
 
 def _model_info(cfg: ModelConfig, mcfg: MedusaConfig) -> dict:
@@ -415,10 +427,14 @@ def _fill_from_compiled(rep: AOTReport, compiled) -> None:
         "temp": int(ma.temp_size_in_bytes),
         "code": int(ma.generated_code_size_in_bytes),
     }
-    mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["code"]
-    peak = getattr(ma, "peak_memory_in_bytes", None)
-    if peak:
-        mem["peak"] = int(peak)
+    # The sum of the parts over-counts: temporaries are packed into buffers that are free at
+    # the time (the donated state's among them). The compiler's simulated peak of live bytes is
+    # what it checks against the chip's HBM (it compiled programs whose sum exceeded the HBM).
+    mem["sum_of_parts"] = (mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+                           + mem["code"])
+    peak = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
+    mem["peak"] = peak
+    mem["total"] = peak or mem["sum_of_parts"]
     rep.memory = mem
     try:
         cost = compiled.cost_analysis()
@@ -426,9 +442,32 @@ def _fill_from_compiled(rep: AOTReport, compiled) -> None:
         rep.xla_flops = float(cost.get("flops")) if cost and "flops" in cost else None
     except Exception:
         rep.xla_flops = None
+    try:
+        rep.extra["entry_relayout_bytes"] = entry_relayout_bytes(compiled.as_text())
+    except Exception:  # best effort: HLO text is no stable interface
+        pass
     if mem["total"] > rep.hbm_bytes:  # the compiler normally refuses first; be sure anyway
         rep.fits = False
         rep.needed_bytes = mem["total"]
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COPY_RE = re.compile(r"= (\w+)\[([\d,]*)\]\S* copy\(%([\w.\-]+)\)")
+_PARAM_RE = re.compile(r"%([\w.\-]+) = \S+ parameter\(")
+
+
+def entry_relayout_bytes(hlo_text: str) -> int:
+    """Bytes of the entry computation's copies of its own arguments: the compiler re-tiling an
+    input into the layout it prefers (the arguments arrive in the default row-major layout).
+    Such a copy lives next to the original, so it costs temporaries equal to the argument."""
+    entry = hlo_text[hlo_text.rindex("\nENTRY "):]
+    params = set(_PARAM_RE.findall(entry))
+    total = 0
+    for dt, dims, src in _COPY_RE.findall(entry):
+        if src in params and dt in _HLO_BYTES:
+            total += math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES[dt]
+    return total
 
 
 def _not_fit_message(rep: AOTReport, what: str, tries: list[str]) -> str:
@@ -544,14 +583,14 @@ def _jitted_train_step(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, sh, mesh: Mes
 
 
 def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | Topology,
-                  mesh_cfg: MeshConfig = MeshConfig(), *, packed: bool = True,
+                  mesh_cfg: MeshConfig | None = None, *, packed: bool = True,
                   check: bool = False) -> AOTReport:
     """Compile the Medusa-1/2 train step for ``topology`` with abstract sharded inputs.
 
     Returns the report whether or not the step fits (``fits``, ``error`` and ``suggestions``
     say); with ``check=True`` a step that does not fit raises :class:`AOTError`."""
     topo = get_topology(topology) if isinstance(topology, str) else topology
-    mesh = topology_mesh(topo, mesh_cfg)
+    mesh = topology_mesh(topo, mesh_cfg or MeshConfig())
     try:
         mcfg.check_compatible(cfg)
     except ConfigError as e:
@@ -580,11 +619,16 @@ def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | To
     else:
         rep.fits = False
         parsed = parse_oom(str(oom))
-        rep.needed_bytes = parsed[0] if parsed else None
+        rep.needed_bytes, rep.extra["usable_bytes"] = parsed if parsed else (None, None)
         rep.extra["compiler_message"] = _first_line(str(oom))
     if not rep.fits:
         rep.suggestions = _train_suggestions(rep, cfg, mcfg, tcfg, mesh)
-        rep.error = _not_fit_message(rep, f"the {tcfg.mode} train step", rep.suggestions)
+        what = f"the {tcfg.mode} train step"
+        state = _sharded_state_bytes(rep)
+        if state >= (rep.extra.get("usable_bytes") or 0.98 * rep.hbm_bytes):
+            what += (f" (parameters, gradients, Adam moments and teacher alone: "
+                     f"{state / GiB:.2f} GiB per chip)")
+        rep.error = _not_fit_message(rep, what, rep.suggestions)
         if check:
             raise AOTError(rep.error, rep)
     return rep
@@ -594,34 +638,47 @@ def _first_line(s: str) -> str:
     return s.strip().splitlines()[0][:500] if s.strip() else s
 
 
+def _sharded_state_bytes(rep: AOTReport) -> int:
+    """Per chip: parameters, gradients (one per trainable parameter: half the Adam moments), the
+    moments and a kd teacher, the part that shrinks with the chips that shard it."""
+    return (rep.param_bytes + rep.opt_state_bytes * 3 // 2
+            + rep.extra.get("frozen_base_bytes", 0))
+
+
 def _train_suggestions(rep: AOTReport, cfg, mcfg, tcfg, mesh: Mesh) -> list[str]:
     tries = []
     fsdp, data, tensor = mesh.shape["fsdp"], mesh.shape["data"], mesh.shape["tensor"]
     need = rep.needed_bytes
-    state = rep.param_bytes + rep.opt_state_bytes + rep.extra.get("frozen_base_bytes", 0)
+    usable = rep.extra.get("usable_bytes") or int(0.98 * rep.hbm_bytes)
+    sharded = _sharded_state_bytes(rep)
+    state_alone = sharded >= usable  # then no activation saving can help
     if need:
-        # params, grads and moments shrink with the chips that shard them: scale the state
-        grow = _next_pow2((2 * state) / max(rep.hbm_bytes - (need - 2 * state), rep.hbm_bytes / 8))
-        grow = max(2, grow) if need > rep.hbm_bytes else 1
-        tries.append(
-            f"a slice about {grow}x larger ({rep.num_devices * grow} {rep.chip} chips, "
-            f"FSDP over all of them: mesh.fsdp=-1)"
-        )
+        # the rest (activations of this per-chip batch, all-gathered layer weights) stays
+        rest = max(need - sharded, 0)
+        room = 0.9 * usable - rest
+        if room > 0:
+            grow = max(2, _next_pow2(sharded / room))
+            tries.append(
+                f"a slice about {grow}x larger ({rep.num_devices * grow} {rep.chip} chips, "
+                f"FSDP over all of them: mesh.fsdp=-1, same rows per chip)"
+            )
     if data > 1:
         tries.append(f"FSDP instead of data parallelism (mesh.data={data} -> 1, mesh.fsdp=-1)")
-    if cfg.remat_policy != "full":
-        tries.append(f"model.remat_policy=full (now {cfg.remat_policy})")
     if cfg.param_dtype == "float32":
         tries.append("model.param_dtype=bfloat16 (no fp32 master weights: halves parameters, "
                      "gradients and Adam moments)")
+    if tcfg.mode == "medusa2" and tcfg.kd:
+        tries.append("train.kd=false (drops the frozen teacher copy of the base)")
+    if state_alone:
+        return tries
+    if cfg.remat_policy != "full":
+        tries.append(f"model.remat_policy=full (now {cfg.remat_policy})")
     if cfg.dtype == "float32":
         tries.append("model.dtype=bfloat16 (bf16 compute: halves activations)")
     per_row = tcfg.batch_size // max(data * fsdp, 1)
     if per_row > 1:
         tries.append(f"a smaller global batch (train.batch_size={tcfg.batch_size} is "
                      f"{per_row} rows per data shard)")
-    if tcfg.mode == "medusa2" and tcfg.kd:
-        tries.append("train.kd=false (drops the frozen teacher copy of the base)")
     if tensor == 1 and cfg.num_heads % 2 == 0:
         tries.append("tensor parallelism (mesh.tensor=2 or 4) to split the activations too")
     return tries
@@ -686,16 +743,16 @@ def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, set
 
 
 def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topology,
-                   mesh_cfg: MeshConfig = MeshConfig(), *, batch_size: int = 1,
+                   mesh_cfg: MeshConfig | None = None, *, batch_size: int = 1,
                    cache_len: int = 2048, tree=None, max_new_tokens: int = 256,
-                   check: bool = False) -> AOTReport:
+                   weight_layout: str = "default", check: bool = False) -> AOTReport:
     """Compile the Medusa decoding loop (``_medusa_decode``: verification steps in a
     ``while_loop`` over a ``cache_len``-slot KV cache, the heads proposing, ``tree`` verified
     each step; None: :data:`DEFAULT_TREE`, cut to the heads' depth) for ``topology``. The KV cache is in the compute dtype (``cfg.dtype``)."""
     from medusa_jax.decoding.medusa import _medusa_decode, heads_proposer
 
     topo = get_topology(topology) if isinstance(topology, str) else topology
-    mesh = topology_mesh(topo, mesh_cfg)
+    mesh = topology_mesh(topo, mesh_cfg or MeshConfig())
     try:
         mcfg.check_compatible(cfg)
         settings = _decode_settings(tree, mcfg.num_heads, max_new_tokens)
@@ -722,15 +779,27 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     # a verification step reads every weight and the whole cache once: the HBM-bound floor
     rep.extra["min_step_s"] = (rep.param_bytes + rep.kv_cache_bytes) / topo.hbm_bandwidth
     propose = heads_proposer(mcfg, cfg, tree_b.topk)
-    jitted = functools.partial(_medusa_decode, cfg=cfg, settings=settings, propose=propose)
-    compiled, rep.compile_s, oom = _compile(_Lowerable(_medusa_decode, jitted),
-                                            (params, state, stop), mesh)
+    rep.extra["weight_layout"] = weight_layout
+    if weight_layout == "default":
+        jitted = _Lowerable(_medusa_decode, dict(cfg=cfg, settings=settings, propose=propose))
+    elif weight_layout == "auto":
+        from jax.experimental.layout import Format, Layout
+
+        def loop(p, s, stop_step):
+            return _medusa_decode(p, s, stop_step, cfg=cfg, settings=settings, propose=propose)
+
+        p_fmt = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
+        s_sh = jax.tree.map(lambda x: x.sharding, state)
+        jitted = jax.jit(loop, in_shardings=(p_fmt, s_sh, stop.sharding), donate_argnums=(1,))
+    else:
+        raise AOTError(f"weight_layout={weight_layout!r} must be 'default' or 'auto'")
+    compiled, rep.compile_s, oom = _compile(jitted, (params, state, stop), mesh)
     if compiled is not None:
         _fill_from_compiled(rep, compiled)
     else:
         rep.fits = False
         parsed = parse_oom(str(oom))
-        rep.needed_bytes = parsed[0] if parsed else None
+        rep.needed_bytes, rep.extra["usable_bytes"] = parsed if parsed else (None, None)
         rep.extra["compiler_message"] = _first_line(str(oom))
     if not rep.fits:
         rep.suggestions = _decode_suggestions(rep, cfg, mesh, batch_size, cache_len)
@@ -743,8 +812,8 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
 class _Lowerable:
     """``.lower(*args)`` of a jitted function with its static keyword arguments bound."""
 
-    def __init__(self, jitted, partial):
-        self.jitted, self.kw = jitted, partial.keywords
+    def __init__(self, jitted, kw: dict):
+        self.jitted, self.kw = jitted, kw
 
     def lower(self, *args):
         return self.jitted.lower(*args, **self.kw)
@@ -752,6 +821,9 @@ class _Lowerable:
 
 def _decode_suggestions(rep: AOTReport, cfg, mesh: Mesh, batch_size: int, cache_len: int):
     tries = []
+    if rep.extra.get("weight_layout") == "default":
+        tries.append("weights placed in the compiler's layouts (weight_layout='auto', "
+                     "--weight-layout auto): no relayout copies of the q/k/v weights")
     tensor = mesh.shape["tensor"]
     if cfg.num_kv_heads % (2 * tensor) == 0:
         tries.append(f"tensor parallelism over {2 * tensor}+ chips (mesh.tensor={2 * tensor}, "
@@ -827,6 +899,9 @@ def _parse_args(argv):
     p.add_argument("--tree", help="Medusa tree (name or JSON file); default: mc_sim_7b_63 "
                    "(64 nodes), cut to the heads' depth")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--weight-layout", choices=("default", "auto"), default="default",
+                   help="decode: weights row-major (default, as medusa_generate passes them) or "
+                   "in layouts the compiler picks (auto)")
     p.add_argument("--json", help="also write the report(s) as JSON here")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value, e.g. "
                    "mesh.tensor=4 model.remat_policy=full train.batch_size=16")
@@ -841,6 +916,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medusa_jax.training.run_config import load_run_config
 
     args = _parse_args(argv)
+    if os.environ.get("JAX_PLATFORMS") is None:
+        # nothing runs here, only compiles: keep JAX from trying to start a TPU runtime
+        jax.config.update("jax_platforms", "cpu")
     try:
         run_cfg = load_run_config(args.config, args.overrides)
         cfg, mcfg = model_from_run_config(run_cfg, args.model)
@@ -852,7 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.what in ("decode", "both"):
             reports.append(compile_decode(cfg, mcfg, topo, run_cfg.mesh,
                                           batch_size=args.decode_batch, cache_len=args.cache_len,
-                                          tree=args.tree, max_new_tokens=args.max_new_tokens))
+                                          tree=args.tree, max_new_tokens=args.max_new_tokens,
+                                          weight_layout=args.weight_layout))
     except (AOTError, ConfigError, ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
