@@ -646,42 +646,42 @@ def _sharded_state_bytes(rep: AOTReport) -> int:
 
 
 def _train_suggestions(rep: AOTReport, cfg, mcfg, tcfg, mesh: Mesh) -> list[str]:
-    tries = []
     fsdp, data, tensor = mesh.shape["fsdp"], mesh.shape["data"], mesh.shape["tensor"]
     need = rep.needed_bytes
     usable = rep.extra.get("usable_bytes") or int(0.98 * rep.hbm_bytes)
     sharded = _sharded_state_bytes(rep)
-    state_alone = sharded >= usable  # then no activation saving can help
+    # the rest (activations of this per-chip batch, all-gathered layer weights) stays per chip
+    rest = max((need or 0) - sharded, 0)
+    state = []  # what shrinks the sharded state
     if need:
-        # the rest (activations of this per-chip batch, all-gathered layer weights) stays
-        rest = max(need - sharded, 0)
         room = 0.9 * usable - rest
-        if room > 0:
-            grow = max(2, _next_pow2(sharded / room))
-            tries.append(
-                f"a slice about {grow}x larger ({rep.num_devices * grow} {rep.chip} chips, "
-                f"FSDP over all of them: mesh.fsdp=-1, same rows per chip)"
+        grow = _next_pow2(sharded / room) if room > 0 else None
+        if grow is not None and grow <= 16:
+            state.append(
+                f"a slice about {max(2, grow)}x larger ({rep.num_devices * max(2, grow)} "
+                f"{rep.chip} chips, FSDP over all of them: mesh.fsdp=-1, same rows per chip)"
             )
     if data > 1:
-        tries.append(f"FSDP instead of data parallelism (mesh.data={data} -> 1, mesh.fsdp=-1)")
+        state.append(f"FSDP instead of data parallelism (mesh.data={data} -> 1, mesh.fsdp=-1)")
     if cfg.param_dtype == "float32":
-        tries.append("model.param_dtype=bfloat16 (no fp32 master weights: halves parameters, "
+        state.append("model.param_dtype=bfloat16 (no fp32 master weights: halves parameters, "
                      "gradients and Adam moments)")
     if tcfg.mode == "medusa2" and tcfg.kd:
-        tries.append("train.kd=false (drops the frozen teacher copy of the base)")
-    if state_alone:
-        return tries
-    if cfg.remat_policy != "full":
-        tries.append(f"model.remat_policy=full (now {cfg.remat_policy})")
-    if cfg.dtype == "float32":
-        tries.append("model.dtype=bfloat16 (bf16 compute: halves activations)")
+        state.append("train.kd=false (drops the frozen teacher copy of the base)")
+    if sharded >= usable:  # no activation saving can help
+        return state
+    acts = []  # what shrinks the activations
     per_row = tcfg.batch_size // max(data * fsdp, 1)
     if per_row > 1:
-        tries.append(f"a smaller global batch (train.batch_size={tcfg.batch_size} is "
-                     f"{per_row} rows per data shard)")
+        acts.append(f"a smaller global batch (train.batch_size={tcfg.batch_size} is "
+                    f"{per_row} rows per data shard)")
+    if cfg.remat_policy != "full":
+        acts.append(f"model.remat_policy=full (now {cfg.remat_policy})")
+    if cfg.dtype == "float32":
+        acts.append("model.dtype=bfloat16 (bf16 compute: halves activations)")
     if tensor == 1 and cfg.num_heads % 2 == 0:
-        tries.append("tensor parallelism (mesh.tensor=2 or 4) to split the activations too")
-    return tries
+        acts.append("tensor parallelism (mesh.tensor=2 or 4) to split the activations too")
+    return acts + state if rest > sharded else state + acts
 
 
 # ------------------------------------------------------------------------------------------
