@@ -92,7 +92,12 @@ def run_train(args) -> int:
     from medusa_jax.training.loop import train
 
     maybe_initialize()  # multi-host runs (MEDUSA_* / JAX_COORDINATOR_ADDRESS); else a no-op
-    summary = train(cfg)
+    if cfg.train.cache_hidden:
+        from medusa_jax.training.cached import train_cached
+
+        summary = train_cached(cfg)
+    else:
+        summary = train(cfg)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     if summary["interrupted"]:

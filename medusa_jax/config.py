@@ -298,8 +298,22 @@ class MedusaConfig:
     vocab_size: int = 49152
     shared_lm_head: bool = True
     param_dtype: str = "float32"
+    # Draft vocabulary: the token ids the heads may propose (sorted, unique). The heads then
+    # project onto these rows of the shared LM head only: on a CPU the heads' full-vocabulary
+    # projection costs about as much as a whole base-model step. Verification still uses the
+    # full vocabulary, so greedy output is unchanged; only proposals outside the set are lost.
+    draft_ids: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.draft_ids is not None:
+            ids = tuple(int(i) for i in self.draft_ids)
+            object.__setattr__(self, "draft_ids", ids)
+            _check(len(ids) >= 1, "medusa draft_ids is empty: give at least one token id or None")
+            _check(list(ids) == sorted(set(ids)), "medusa draft_ids must be sorted and unique")
+            _check(0 <= ids[0] and ids[-1] < self.vocab_size,
+                   f"medusa draft_ids must lie in [0, {self.vocab_size}), got {ids[0]}..{ids[-1]}")
+            _check(self.shared_lm_head, "medusa draft_ids needs shared_lm_head=True (the draft "
+                   "projection is a slice of the base model's LM head)")
         _check(isinstance(self.num_heads, int) and self.num_heads >= 1,
                f"medusa num_heads must be an integer >= 1, got {self.num_heads!r}")
         _check(isinstance(self.num_layers, int) and self.num_layers >= 0,
@@ -321,5 +335,12 @@ class MedusaConfig:
                f"Medusa heads have vocab size {self.vocab_size} but the base model has "
                f"{model.vocab_size}: these heads were trained for another model")
 
+    @property
+    def draft_size(self) -> int:
+        """How many tokens the heads can propose (the whole vocabulary without ``draft_ids``)."""
+        return self.vocab_size if self.draft_ids is None else len(self.draft_ids)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["draft_ids"] = None if self.draft_ids is None else list(self.draft_ids)
+        return d

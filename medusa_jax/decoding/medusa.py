@@ -33,8 +33,8 @@ from medusa_jax.decoding.common import (
 )
 from medusa_jax.decoding.sampling import sample
 from medusa_jax.model.cache import KVCache
-from medusa_jax.model.heads import MedusaHeads, head_logits
-from medusa_jax.model.llama import LlamaModel
+from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits
+from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.tree import TreeBuffers, build_tree, get_tree
 
 ACCEPTANCE_RULES = ("greedy", "typical")
@@ -105,8 +105,9 @@ def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int):
         def base_proj(x):
             return model.apply({"params": params["base"]}, x, method=LlamaModel.logits)
 
-        lg = head_logits(mcfg, params["medusa"], hh, base_proj)  # [B, M, V]
-        return jax.lax.top_k(lg, topk)[1].astype(jnp.int32)
+        lm = lm_head_weight(params["base"], base_cfg) if mcfg.draft_ids is not None else None
+        lg = head_logits(mcfg, params["medusa"], hh, base_proj, lm)  # [B, M, V or V']
+        return draft_to_vocab(mcfg, jax.lax.top_k(lg, topk)[1].astype(jnp.int32))
 
     return propose
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medusa_jax.config import MedusaConfig
 
@@ -37,13 +38,38 @@ class MedusaHeads(nn.Module):
         return x
 
 
-def head_logits(mcfg: MedusaConfig, medusa_params, head_hidden, base_logits_fn):
+def head_logits(mcfg: MedusaConfig, medusa_params, head_hidden, base_logits_fn, base_lm_head=None):
     """Per-head logits ``[..., M, V]`` float32 from ``head_hidden: [..., M, D]``; with a shared
-    LM head ``base_logits_fn`` (the base model's projection) is applied to every head."""
+    LM head ``base_logits_fn`` (the base model's projection) is applied to every head.
+
+    With ``mcfg.draft_ids`` the logits cover the draft vocabulary only (``[..., M, V']``, column
+    ``j`` is token ``draft_ids[j]``; map back with :func:`draft_to_vocab`), projected through
+    those rows of ``base_lm_head: [D, V]``."""
+    if mcfg.draft_ids is not None:
+        if base_lm_head is None:
+            raise ValueError("heads with draft_ids need base_lm_head=[D, V] for their projection")
+        w = jnp.take(base_lm_head, np.asarray(mcfg.draft_ids, np.int32), axis=1)  # [D, V']
+        return (head_hidden @ w.astype(head_hidden.dtype)).astype(jnp.float32)
     if mcfg.shared_lm_head:
         return base_logits_fn(head_hidden)
     w = medusa_params["lm_head"]  # [M, D, V]
     return jnp.einsum("...md,mdv->...mv", head_hidden, w.astype(head_hidden.dtype)).astype(jnp.float32)
+
+
+def draft_to_vocab(mcfg: MedusaConfig, idx):
+    """Column indices of :func:`head_logits` -> token ids (identity without a draft vocab)."""
+    if mcfg.draft_ids is None:
+        return idx
+    return jnp.take(jnp.asarray(np.asarray(mcfg.draft_ids, np.int32)), idx)
+
+
+def vocab_to_draft(mcfg: MedusaConfig, tokens):
+    """Token ids -> draft columns, ``-1`` for tokens outside the draft vocabulary."""
+    if mcfg.draft_ids is None:
+        return tokens
+    table = np.full((mcfg.vocab_size,), -1, np.int32)
+    table[np.asarray(mcfg.draft_ids)] = np.arange(len(mcfg.draft_ids), dtype=np.int32)
+    return jnp.take(jnp.asarray(table), tokens)
 
 
 def init_medusa_params(mcfg: MedusaConfig, base_lm_head=None, rng=None, scale: float = 0.0) -> dict:

@@ -49,6 +49,10 @@ class TrainConfig:
     kd: bool = False
     heads_warmup_steps: int = 0
     seed: int = 0
+    # Medusa-1 only: compute the base's hidden states once and train the heads on the stored
+    # states of the target positions, ``token_batch`` positions per step (training/cached.py).
+    cache_hidden: bool = False
+    token_batch: int = 512
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode={self.mode!r} must be one of {MODES}")
@@ -101,6 +105,11 @@ class TrainConfig:
             f"heads_warmup_steps must be an integer in [0, steps={self.steps}), "
             f"got {self.heads_warmup_steps!r}",
         )
+        _check(isinstance(self.token_batch, int) and self.token_batch > 0,
+               f"token_batch must be a positive integer, got {self.token_batch!r}")
+        _check(not (self.cache_hidden and self.mode != "medusa1"),
+               "cache_hidden=True needs mode='medusa1' (Medusa-2 changes the base, so its hidden "
+               "states cannot be cached)")
         _check(
             self.heads_warmup_steps == 0 or self.mode == "medusa2",
             f"heads_warmup_steps={self.heads_warmup_steps} only applies to mode='medusa2' "

@@ -48,6 +48,7 @@ from medusa_jax.training.checkpoint import (
     checkpoint_tree,
     state_from_tree,
 )
+from medusa_jax.training.cached import choose_draft_ids
 from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
 from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for callers of loop)
@@ -324,9 +325,14 @@ class Trainer:
             raise ValueError(f"token id {top} >= the model's vocab_size "
                              f"{self.model_cfg.vocab_size}: the tokenizer does not fit the model")
         m = run_cfg.medusa
+        draft = None
+        if m.draft_vocab_size:  # from the training targets only (the split is fixed by the seed)
+            tr = self.data.train
+            draft = choose_draft_ids(tr["input_ids"][tr["loss_mask"] > 0], m.draft_vocab_size,
+                                     self.model_cfg.vocab_size, tuple(self.model_cfg.eos_token_ids))
         self.medusa_cfg = MedusaConfig.for_model(
             self.model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
-            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype)
+            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype, draft_ids=draft)
         self.shardings = state_shardings(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
         self.state = None
 

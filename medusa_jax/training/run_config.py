@@ -65,6 +65,9 @@ class MedusaSection:
     num_layers: int = 1
     shared_lm_head: bool = True
     param_dtype: Dtype = "float32"
+    # > 0: the heads propose only the N most frequent target tokens of the training data (a
+    # draft vocabulary: their projection shrinks V/N times; verification keeps the full one).
+    draft_vocab_size: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.model.heads import MedusaHeads, head_logits, init_medusa_params
+from medusa_jax.model.heads import MedusaHeads, head_logits, init_medusa_params, vocab_to_draft
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.sharding import (
     batch_sharding,
@@ -190,15 +190,21 @@ def _heads_loss(model, heads, tcfg, base_params, medusa_params, hidden, batch):
     def base_logits(h):
         return model.apply({"params": base_params}, h, method=LlamaModel.logits)
 
-    def logits_fn(k, h):  # h: [B, T, D] -> [B, T, V]
-        own = {"lm_head": medusa_params["lm_head"][k : k + 1]} if "lm_head" in medusa_params else {}
-        return head_logits(mcfg, own, h[..., None, :], base_logits)[..., 0, :]
+    lm = lm_head_weight(base_params, model.cfg) if mcfg.draft_ids is not None else None
 
+    def logits_fn(k, h):  # h: [B, T, D] -> [B, T, V] (V' with a draft vocabulary)
+        own = {"lm_head": medusa_params["lm_head"][k : k + 1]} if "lm_head" in medusa_params else {}
+        return head_logits(mcfg, own, h[..., None, :], base_logits, lm)[..., 0, :]
+
+    tokens, loss_mask = batch["input_ids"], batch["loss_mask"]
+    if mcfg.draft_ids is not None:  # targets as draft columns; tokens outside it are no targets
+        cols = vocab_to_draft(mcfg, tokens)
+        tokens, loss_mask = jnp.maximum(cols, 0), loss_mask * (cols >= 0).astype(loss_mask.dtype)
     return medusa_loss_from_hidden(
         head_hidden,
         logits_fn,
-        batch["input_ids"],
-        batch["loss_mask"],
+        tokens,
+        loss_mask,
         tcfg.decay,
         batch.get("segment_ids"),
     )

@@ -1,0 +1,280 @@
+"""Medusa-1 from cached hidden states: the base runs once, the heads train for many epochs.
+
+Medusa-1 never changes the base model, so its final hidden states are a fixed function of the
+data. This path computes them once (one forward per row, no gradients), keeps only the positions
+that have at least one head target (the assistant tokens), and trains the heads on those flat
+``[N, D]`` states: each step is a small MLP update over ``train.token_batch`` positions. On a
+small machine this is many times faster than :class:`~medusa_jax.training.loop.Trainer`, whose
+every step runs the base forward over whole padded rows, prompts included.
+
+With ``medusa.draft_vocab_size`` the heads also get a draft vocabulary (the most frequent target
+tokens of the training data, :func:`choose_draft_ids`): training and proposal project onto those
+rows of the LM head only. Same loss as the trainer (``Σ_k decay^k CE_k``, one optimizer, the same
+schedule); targets outside the draft vocabulary are not trained on, and the evaluation counts
+them as misses.
+
+    summary = train_cached(load_run_config("configs/smollm2_medusa1.yaml"))
+
+There are no checkpoints in the middle (a run over a few hundred thousand tokens takes minutes);
+a run writes ``metrics.jsonl``, ``summary.json`` and the exported heads like the trainer does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.model.heads import MedusaHeads, head_logits, vocab_to_draft
+from medusa_jax.model.llama import lm_head_weight
+from medusa_jax.runconfig import dump_yaml, to_dict
+from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.losses import _finish, ce_stats, shifted_targets
+from medusa_jax.training.optimizer import learning_rates, make_optimizer
+from medusa_jax.training.run_config import RunConfig
+from medusa_jax.training.step import make_hidden_fn
+
+log = logging.getLogger("medusa_jax.train")
+_BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass
+class HiddenSet:
+    """Positions with a head target: ``hidden [N, D]`` float32 (the base's final-normed state)
+    and ``targets [N, M]`` int32 (head k's target token, -1 where it has none)."""
+
+    hidden: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+def collect_hidden(model_cfg: ModelConfig, base_params, arrays: dict, num_heads: int,
+                   batch_size: int, desc: str = "hidden states") -> HiddenSet:
+    """Run the base over tokenised rows (``input_ids``/``loss_mask``/... ``[R, T]``, as
+    :func:`~medusa_jax.training.prepare.prepare_data` makes them) and keep the states of every
+    position whose head-0 target (token t+2) is a training target."""
+    hidden_fn = make_hidden_fn(model_cfg)
+    rows = arrays["input_ids"].shape[0]
+    hs, ts = [], []
+    for i in tqdm(range(0, rows, batch_size), desc=desc, unit="batch", leave=False):
+        batch = {k: np.asarray(arrays[k][i: i + batch_size]) for k in _BATCH_KEYS if k in arrays}
+        n = batch["input_ids"].shape[0]
+        if n < batch_size:  # one compiled shape: zero rows have no targets
+            batch = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
+                     for k, v in batch.items()}
+        seg = batch.get("segment_ids")
+        targets = []
+        for k in range(num_heads):
+            t, v = shifted_targets(batch["input_ids"], batch["loss_mask"], k + 2, seg)
+            targets.append(np.where(np.asarray(v), np.asarray(t), -1))
+        targets = np.stack(targets, -1)[:n]  # [n, T, M]
+        keep = (targets >= 0).any(-1)
+        if not keep.any():
+            continue
+        h = np.asarray(hidden_fn(base_params, batch))[:n]
+        hs.append(h[keep].astype(np.float32))
+        ts.append(targets[keep].astype(np.int32))
+    if not hs:
+        raise ValueError(f"{desc}: no position has a training target (all loss masks are 0)")
+    return HiddenSet(np.concatenate(hs), np.concatenate(ts))
+
+
+def choose_draft_ids(tokens: np.ndarray, size: int, vocab_size: int,
+                     always: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The ``size`` most frequent ids of ``tokens`` (ties to the lower id), plus ``always``
+    (e.g. the end-of-turn token), sorted. Ids never seen fill up the set only if the data has
+    fewer than ``size`` distinct tokens (then the set is just the seen ones plus ``always``)."""
+    if size < 1:
+        raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
+    tokens = np.asarray(tokens).reshape(-1)
+    tokens = tokens[(tokens >= 0) & (tokens < vocab_size)]
+    counts = np.bincount(tokens, minlength=vocab_size)
+    for a in always:
+        counts[a] = np.iinfo(counts.dtype).max  # first in line
+    order = np.lexsort((np.arange(vocab_size), -counts))  # count desc, id asc
+    chosen = order[: min(size, vocab_size)]
+    chosen = chosen[counts[chosen] > 0]
+    return tuple(int(i) for i in np.sort(chosen))
+
+
+def draft_coverage(targets: np.ndarray, draft_ids: tuple[int, ...] | None) -> float:
+    """Fraction of head-0 targets that lie in the draft vocabulary."""
+    t = targets[:, 0]
+    t = t[t >= 0]
+    if draft_ids is None or t.size == 0:
+        return 1.0
+    return float(np.isin(t, np.asarray(draft_ids)).mean())
+
+
+def _heads_stats(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, hidden, targets):
+    """Per-head CE statistics on flat states. Targets outside the draft vocabulary are no
+    training targets; ``missed`` counts them per head (the evaluation adds them as misses)."""
+    heads = MedusaHeads(mcfg, dtype=hidden.dtype)
+    hh = heads.apply({"params": {k: v for k, v in params.items() if k != "lm_head"}}, hidden)
+    logits = head_logits(mcfg, params, hh, lambda x: (x @ lm.astype(x.dtype)).astype(jnp.float32),
+                         lm)  # [b, M, V or V']
+    cols = vocab_to_draft(mcfg, jnp.maximum(targets, 0))
+    has = targets >= 0
+    valid = has & (cols >= 0)
+    stats = [ce_stats(logits[:, k], jnp.maximum(cols[:, k], 0), valid[:, k])
+             for k in range(mcfg.num_heads)]
+    missed = jnp.sum(has & ~valid, axis=0).astype(jnp.float32)
+    return stats, missed
+
+
+def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
+    """``(step(params, opt_state, lm, hidden, targets) -> (params, opt_state, metrics), tx)``."""
+    tx = make_optimizer(tcfg)
+
+    def loss_fn(params, lm, hidden, targets):
+        stats, _ = _heads_stats(mcfg, tcfg, params, lm, hidden, targets)
+        return _finish(stats, tcfg.decay)
+
+    @jax.jit
+    def step(params, opt_state, lm, hidden, targets):
+        (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, lm, hidden, targets)
+        lrs = learning_rates(tcfg, opt_state)
+        updates, opt_state = tx.update({"medusa": g}, opt_state, {"medusa": params})
+        params = jax.tree.map(lambda p, u: p + u, params, updates["medusa"])
+        return params, opt_state, {"loss": loss, **metrics, **lrs}
+
+    return step, tx
+
+
+def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: HiddenSet,
+                    batch: int = 1024) -> dict:
+    """Per-head top-1 / top-5 accuracy and CE on held-out states. Accuracy counts every target:
+    one outside the draft vocabulary is a miss (the heads cannot propose it)."""
+
+    @jax.jit
+    def fn(params, hidden, targets):
+        stats, missed = _heads_stats(mcfg, tcfg, params, lm, hidden, targets)
+        ce, top1, top5, count = (jnp.stack(s) for s in zip(*stats, strict=True))
+        return ce, top1, top5, count, missed
+
+    tot = None
+    n = len(data)
+    for i in range(0, n, batch):
+        h, t = data.hidden[i: i + batch], data.targets[i: i + batch]
+        if h.shape[0] < batch:
+            pad = batch - h.shape[0]
+            h = np.concatenate([h, np.zeros((pad, h.shape[1]), h.dtype)])
+            t = np.concatenate([t, np.full((pad, t.shape[1]), -1, t.dtype)])
+        out = [np.asarray(x, np.float64) for x in fn(params, h, t)]
+        tot = out if tot is None else [a + b for a, b in zip(tot, out, strict=True)]
+    ce, top1, top5, count, missed = tot
+    total = np.maximum(count + missed, 1.0)
+    return {
+        "head_top1": (top1 / total).tolist(),
+        "head_top5": (top5 / total).tolist(),
+        "head_loss": (ce / np.maximum(count, 1.0)).tolist(),  # over in-draft targets
+        "head_count": (count + missed).tolist(),
+        "draft_coverage": draft_coverage(data.targets, mcfg.draft_ids),
+    }
+
+
+def train_cached(run_cfg: RunConfig) -> dict:
+    """Medusa-1 heads from cached hidden states (see the module docstring); returns a summary
+    like :meth:`~medusa_jax.training.loop.Trainer.run`'s."""
+    from medusa_jax.training.loop import _heads_host, build_base  # noqa: PLC0415 (cycle)
+    from medusa_jax.training.prepare import prepare_data  # noqa: PLC0415
+    from medusa_jax.weights.medusa_io import export_v1, save_heads  # noqa: PLC0415
+
+    tcfg, paths, m = run_cfg.train, run_cfg.paths(), run_cfg.medusa
+    if tcfg.mode != "medusa1":
+        raise ValueError(f"train.cache_hidden needs train.mode='medusa1', got {tcfg.mode!r}")
+    t_origin = time.perf_counter()
+    os.makedirs(paths.root, exist_ok=True)
+    dump_yaml(to_dict(run_cfg), paths.config)
+    data = prepare_data(run_cfg)
+    log.info("data: %s", data.report["summary"])
+    model_cfg, base = build_base(run_cfg)
+    base_dev = jax.device_put(base)
+    t = time.perf_counter()
+    train_set = collect_hidden(model_cfg, base_dev, data.train, m.num_heads, tcfg.batch_size,
+                               "hidden states (train)")
+    eval_set = (collect_hidden(model_cfg, base_dev, data.eval, m.num_heads, tcfg.batch_size,
+                               "hidden states (eval)") if data.eval is not None else None)
+    collect_s = time.perf_counter() - t
+    log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
+             0 if eval_set is None else len(eval_set), collect_s)
+
+    draft = None
+    if m.draft_vocab_size:
+        draft = choose_draft_ids(train_set.targets, m.draft_vocab_size, model_cfg.vocab_size,
+                                 tuple(model_cfg.eos_token_ids))
+    mcfg = MedusaConfig.for_model(model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
+                                  shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype,
+                                  draft_ids=draft)
+    lm = jnp.asarray(lm_head_weight(base, model_cfg))
+    params = jax.tree.map(jnp.asarray, _heads_host(mcfg, base, model_cfg))
+    step_fn, tx = make_cached_step(mcfg, tcfg)
+    opt_state = tx.init({"medusa": params})
+
+    rng = np.random.default_rng(tcfg.seed)
+    n, bt = len(train_set), tcfg.token_batch
+    if n < bt:
+        raise ValueError(f"only {n} training positions for train.token_batch={bt}: add data or "
+                         "lower train.token_batch")
+    per_epoch = n // bt
+    order, metrics_f, window = None, open(paths.metrics, "w"), []
+    t = time.perf_counter()
+    bar = tqdm(range(tcfg.steps), desc="medusa1 (cached)", unit="step")
+    for s in bar:
+        if s % per_epoch == 0:
+            order = rng.permutation(n)
+        idx = np.sort(order[(s % per_epoch) * bt: (s % per_epoch + 1) * bt])
+        params, opt_state, met = step_fn(params, opt_state, lm, train_set.hidden[idx],
+                                         train_set.targets[idx])
+        window.append(met)
+        if (s + 1) % run_cfg.log.every_steps == 0 or s + 1 == tcfg.steps:
+            w = jax.device_get(window)
+            rec = {"step": s + 1, "epoch": round((s + 1) / per_epoch, 3),
+                   "loss": float(np.mean([x["loss"] for x in w])),
+                   "head_top1": np.mean([x["head_top1"] for x in w], 0).round(4).tolist(),
+                   "lr_heads": float(w[-1]["lr_heads"])}
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=rec["head_top1"][0])
+            window = []
+    train_s = time.perf_counter() - t
+    metrics_f.close()
+
+    ev = evaluate_cached(mcfg, tcfg, params, lm, eval_set) if eval_set is not None else None
+    summary = {
+        "mode": "medusa1", "cache_hidden": True, "step": tcfg.steps, "steps": tcfg.steps,
+        "interrupted": False, "signal": None, "run_dir": paths.root,
+        "checkpoint_dir": None, "data": data.report,
+        "train_positions": len(train_set), "eval_positions": 0 if eval_set is None else len(eval_set),
+        "epochs": round(tcfg.steps / per_epoch, 2), "token_batch": bt,
+        "draft_vocab_size": None if draft is None else len(draft),
+        "draft_coverage_train": draft_coverage(train_set.targets, draft),
+        "collect_s": round(collect_s, 1), "train_s": round(train_s, 1),
+        "wall_time_s": time.perf_counter() - t_origin, "eval": ev,
+    }
+    host = jax.tree.map(np.asarray, params)
+    metadata = {
+        "mode": "medusa1 (cached hidden states)", "steps": tcfg.steps,
+        "base_model": run_cfg.model.path or "default",
+        "data": {k: data.report[k] for k in ("source", "summary", "train_rows")},
+        "train_positions": summary["train_positions"], "epochs": summary["epochs"],
+        "wall_time_s": round(summary["wall_time_s"], 1), "eval": ev,
+    }
+    exports = {"heads": save_heads(paths.heads, mcfg, host, metadata)}
+    if run_cfg.export.v1:
+        exports["heads_v1"] = export_v1(paths.heads_v1, mcfg, host, base_lm_head=np.asarray(lm),
+                                        base_model_name_or_path=run_cfg.model.path or "")
+    summary["exports"] = exports
+    with open(os.path.join(paths.root, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    return summary

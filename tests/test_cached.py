@@ -1,0 +1,139 @@
+"""Medusa-1 from cached hidden states and draft vocabularies (training/cached.py): the cached
+loss equals the trainer's, a cached run learns and exports heads that decode exactly like
+vanilla greedy, and the draft vocabulary is chosen and validated as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from medusa_jax.config import ConfigError, MedusaConfig
+from medusa_jax.decoding.common import GenerationSettings
+from medusa_jax.decoding.medusa import heads_proposer, make_settings, medusa_generate
+from medusa_jax.decoding.vanilla import generate
+from medusa_jax.model.heads import init_medusa_params
+from medusa_jax.training.cached import (
+    _heads_stats,
+    choose_draft_ids,
+    collect_hidden,
+    draft_coverage,
+    evaluate_cached,
+    train_cached,
+)
+from medusa_jax.training.loop import Trainer, _eval_fn
+from medusa_jax.training.run_config import load_run_config
+from medusa_jax.weights.medusa_io import load_heads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def conversation(i: int) -> dict:
+    a = i % 50
+    return {"id": f"c{i}", "conversations": [
+        {"from": "human", "value": f"count from {a}"},
+        {"from": "gpt", "value": " ".join(str(a + k) for k in range(6))},
+    ]}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "convs.jsonl"
+    path.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(96)))
+    return str(path)
+
+
+def config(run_dir, data_file, *overrides):
+    return load_run_config(TINY, [
+        f"data.path={data_file}", f"data.cache_dir={run_dir}/cache", f"checkpoint.dir={run_dir}",
+        "log.progress=false", "devices=1", *overrides])
+
+
+def test_choose_draft_ids_by_frequency_with_forced_ids():
+    toks = np.array([5, 5, 5, 3, 3, 9, 1, -1, 7, 7])
+    assert choose_draft_ids(toks, 2, 10) == (3, 5)  # 5 x3, then 3 and 7 tie at 2: lower id
+    assert choose_draft_ids(toks, 2, 10, always=(2,)) == (2, 5)  # forced even when unseen
+    assert choose_draft_ids(toks, 100, 10) == (1, 3, 5, 7, 9)  # never pads with unseen ids
+    with pytest.raises(ValueError, match=">= 1"):
+        choose_draft_ids(toks, 0, 10)
+    t = np.array([[5, 1], [3, 1], [8, -1], [-1, 2]])
+    assert draft_coverage(t, (3, 5)) == pytest.approx(2 / 3)
+
+
+def test_draft_ids_are_validated_and_survive_a_save(tmp_path):
+    with pytest.raises(ConfigError, match="sorted and unique"):
+        MedusaConfig(vocab_size=10, draft_ids=(3, 2))
+    with pytest.raises(ConfigError, match=r"\[0, 10\)"):
+        MedusaConfig(vocab_size=10, draft_ids=(3, 10))
+    with pytest.raises(ConfigError, match="shared_lm_head"):
+        MedusaConfig(vocab_size=10, draft_ids=(1, 2), shared_lm_head=False)
+    from medusa_jax.weights.medusa_io import save_heads
+
+    mcfg = MedusaConfig(num_heads=2, hidden_size=8, vocab_size=10, draft_ids=[1, 4, 6])
+    assert mcfg.draft_size == 3 and "draft_ids" not in repr(mcfg)
+    save_heads(tmp_path, mcfg, init_medusa_params(mcfg, scale=0.1))
+    loaded, _ = load_heads(tmp_path)
+    assert loaded == mcfg and loaded.draft_ids == (1, 4, 6)
+
+
+@pytest.mark.parametrize("draft", [0, 8], ids=["full_vocab", "draft8"])
+def test_cached_loss_equals_the_trainer_loss(tmp_path, data_file, draft):
+    tr = Trainer(config(tmp_path, data_file, f"medusa.draft_vocab_size={draft}"))
+    mcfg, tcfg = tr.medusa_cfg, tr.tcfg
+    assert (mcfg.draft_ids is None) == (draft == 0)
+    if draft:  # chosen from the training targets, end-of-turn forced in
+        assert len(mcfg.draft_ids) <= draft and set(tr.model_cfg.eos_token_ids) <= set(mcfg.draft_ids)
+    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(1), scale=0.3)
+    bs = tcfg.batch_size
+    batch = {k: v[:bs] for k, v in tr.data.train.items()}
+    ref = jax.device_get(_eval_fn(tr.model_cfg, mcfg, tcfg)({"base": tr.base_host, "medusa": heads},
+                                                          batch))
+    cached = collect_hidden(tr.model_cfg, tr.base_host, batch, mcfg.num_heads, bs)
+    lm = tr.base_host["lm_head"]
+    stats, missed = _heads_stats(mcfg, tcfg, heads, lm, cached.hidden, cached.targets)
+    ce, top1, _, count = (np.array([float(s[i]) for s in stats]) for i in range(4))
+    np.testing.assert_array_equal(count, ref["count"])
+    np.testing.assert_allclose(ce, ref["ce"], rtol=2e-5)
+    np.testing.assert_allclose(top1, ref["top1"], atol=0.5)
+    # Every target of the batch is either trained on or counted as outside the draft vocab.
+    all_targets = (cached.targets >= 0).sum(0)
+    np.testing.assert_array_equal(count + np.asarray(missed), all_targets)
+    assert (np.asarray(missed).sum() > 0) == bool(draft)
+
+
+def test_cached_run_learns_exports_and_decodes_like_vanilla(tmp_path, data_file):
+    cfg = config(tmp_path, data_file, "train.cache_hidden=true", "medusa.draft_vocab_size=48",
+                 "train.steps=40", "train.token_batch=64", "train.heads_lr=0.05", "log.every_steps=5")
+    summary = train_cached(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == list(range(5, 41, 5))
+    assert lines[-1]["loss"] < 0.8 * lines[0]["loss"]
+    assert summary["draft_vocab_size"] <= 48 and 0 < summary["draft_coverage_train"] <= 1
+
+    mcfg, heads = load_heads(summary["exports"]["heads"])
+    assert mcfg.draft_ids is not None and len(mcfg.draft_ids) == summary["draft_vocab_size"]
+    tr = Trainer(config(tmp_path / "ref", data_file))  # same base weights and eval split
+    ev = summary["eval"]
+    fresh = evaluate_cached(mcfg, cfg.train, init_medusa_params(mcfg), tr.base_host["lm_head"],
+                            collect_hidden(tr.model_cfg, tr.base_host, tr.data.eval,
+                                           mcfg.num_heads, cfg.train.batch_size))
+    assert ev["head_count"] == fresh["head_count"]
+    assert ev["head_top1"][0] > fresh["head_top1"][0] + 0.04
+    assert all(a < b for a, b in zip(ev["head_loss"], fresh["head_loss"]))
+
+    params = {"base": tr.base_host, "medusa": heads}
+    propose = heads_proposer(mcfg, tr.model_cfg, 3)
+    hidden = np.random.default_rng(0).standard_normal((2, tr.model_cfg.hidden_size), np.float32)
+    cand = np.asarray(propose(params, hidden, None))
+    assert cand.shape == (2, mcfg.num_heads, 3) and np.isin(cand, mcfg.draft_ids).all()
+
+    gen = GenerationSettings(max_new_tokens=24, eos_token_ids=tuple(tr.model_cfg.eos_token_ids))
+    prompts = [list(b"count from 7"), list(b"count from 31 please")]
+    want = generate(tr.model_cfg, tr.base_host, prompts, gen)["tokens"]
+    settings = make_settings([[0], [1], [0, 0], [0, 1], [0, 0, 0]], mcfg.num_heads, gen)
+    got = medusa_generate(tr.model_cfg, mcfg, params, prompts, settings)
+    assert got["tokens"] == want
