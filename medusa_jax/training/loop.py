@@ -41,6 +41,7 @@ from medusa_jax.sharding import (
     mesh_context,
     shard_params,
 )
+from medusa_jax.training.cached import choose_draft_ids
 from medusa_jax.training.checkpoint import (
     CheckpointError,
     TrainCheckpointer,
@@ -48,7 +49,6 @@ from medusa_jax.training.checkpoint import (
     checkpoint_tree,
     state_from_tree,
 )
-from medusa_jax.training.cached import choose_draft_ids
 from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
 from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for callers of loop)
