@@ -17,6 +17,10 @@ import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from medusa_jax.platform import skip_absent_tpu  # noqa: E402  (before jax is imported)
+
+skip_absent_tpu()
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

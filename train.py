@@ -20,6 +20,10 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from medusa_jax.platform import skip_absent_tpu  # noqa: E402  (before jax is imported)
+
+skip_absent_tpu()
+
 
 def _add_distill(sub) -> None:
     p = sub.add_parser("distill", help="let the base model answer a dataset's prompts (JSONL)",
@@ -56,7 +60,12 @@ def _add_train(sub, mode: str, what: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{distill,medusa1,medusa2}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{distill,medusa1,medusa2,compile}")
+    sub.add_parser("compile", add_help=False,
+                   help="compile a run's Medusa-2 train step / decoding loop ahead of time for a "
+                   "TPU topology and report per-chip memory (python -m medusa_jax.aot; "
+                   "`train.py compile --help` for its options)")
     _add_distill(sub)
     _add_train(sub, "medusa1", "train Medusa heads on a frozen base model")
     _add_train(sub, "medusa2", "train heads and base jointly (optionally distilling from the "
@@ -119,6 +128,11 @@ def run_train(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compile"]:  # its own options: medusa_jax.aot's command line
+        from medusa_jax.aot import main as aot_main
+
+        return aot_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("medusa_jax").setLevel(logging.INFO)  # ours at INFO, libraries quieter

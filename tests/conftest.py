@@ -8,6 +8,9 @@ _xla = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _xla:
     os.environ["XLA_FLAGS"] = f"{_xla} {_FLAG}".strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# libtpu (in the test extra, for the ahead-of-time TPU compile tests) would otherwise make every
+# process probe for TPU chips first; the suite runs on CPU devices.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402

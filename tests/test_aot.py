@@ -107,6 +107,11 @@ def test_unknown_topology_is_a_clear_error(capsys):
         aot.get_topology("v9z:2x2")
     assert aot.main(["--config", TINY_YAML, "--topology", "nope"]) == 2
     assert "unknown TPU topology 'nope'" in capsys.readouterr().err
+    # train.py compile is the same command line
+    import train
+
+    assert train.main(["compile", "--config", TINY_YAML, "--topology", "nope"]) == 2
+    assert "unknown TPU topology 'nope'" in capsys.readouterr().err
 
 
 def test_mesh_not_matching_the_topology_is_a_clear_error():
