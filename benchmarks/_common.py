@@ -289,3 +289,22 @@ def _json_default(x):
     if isinstance(x, np.ndarray):
         return x.tolist()
     return str(x)
+
+
+# --------------------------------------------------------------------------- multi-turn prompts
+def mtbench_conversations(n: int) -> list[dict]:
+    """The first ``n`` MT-bench questions with both turns: ``question_id``, ``category`` and
+    ``turns`` (the two user messages)."""
+    out = []
+    with open(mtbench_path()) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            q = json.loads(line)
+            out.append({"question_id": q["question_id"], "category": q["category"],
+                        "turns": list(q["turns"][:2])})
+            if len(out) == n:
+                break
+    if len(out) < n:
+        raise SystemExit(f"MT-bench has only {len(out)} questions, {n} asked for")
+    return out

@@ -124,6 +124,10 @@ def test_cached_run_learns_exports_and_decodes_like_vanilla(tmp_path, data_file)
     assert ev["head_count"] == fresh["head_count"]
     assert ev["head_top1"][0] > fresh["head_top1"][0] + 0.04
     assert all(a < b for a, b in zip(ev["head_loss"], fresh["head_loss"]))
+    ranks = np.asarray(ev["head_rank_acc"])  # per-rank accuracies add up to top-1 / top-5
+    assert ranks.shape == (3, 10)
+    np.testing.assert_allclose(ranks[:, 0], ev["head_top1"], atol=1e-4)
+    np.testing.assert_allclose(ranks[:, :5].sum(1), ev["head_top5"], atol=1e-4)
 
     params = {"base": tr.base_host, "medusa": heads}
     propose = heads_proposer(mcfg, tr.model_cfg, 3)

@@ -116,20 +116,38 @@ def draft_coverage(targets: np.ndarray, draft_ids: tuple[int, ...] | None) -> fl
     return float(np.isin(t, np.asarray(draft_ids)).mean())
 
 
-def _heads_stats(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, hidden, targets):
-    """Per-head CE statistics on flat states. Targets outside the draft vocabulary are no
-    training targets; ``missed`` counts them per head (the evaluation adds them as misses)."""
+def _logits_and_targets(mcfg: MedusaConfig, params, lm, hidden, targets):
+    """Head logits ``[b, M, V or V']`` on flat states, the targets as their columns and which
+    targets count (those inside the draft vocabulary) and exist."""
     heads = MedusaHeads(mcfg, dtype=hidden.dtype)
     hh = heads.apply({"params": {k: v for k, v in params.items() if k != "lm_head"}}, hidden)
     logits = head_logits(mcfg, params, hh, lambda x: (x @ lm.astype(x.dtype)).astype(jnp.float32),
-                         lm)  # [b, M, V or V']
+                         lm)
     cols = vocab_to_draft(mcfg, jnp.maximum(targets, 0))
     has = targets >= 0
-    valid = has & (cols >= 0)
-    stats = [ce_stats(logits[:, k], jnp.maximum(cols[:, k], 0), valid[:, k])
-             for k in range(mcfg.num_heads)]
+    return logits, jnp.maximum(cols, 0), has & (cols >= 0), has
+
+
+def _heads_stats(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, hidden, targets):
+    """Per-head CE statistics on flat states. Targets outside the draft vocabulary are no
+    training targets; ``missed`` counts them per head (the evaluation adds them as misses)."""
+    logits, cols, valid, has = _logits_and_targets(mcfg, params, lm, hidden, targets)
+    stats = [ce_stats(logits[:, k], cols[:, k], valid[:, k]) for k in range(mcfg.num_heads)]
     missed = jnp.sum(has & ~valid, axis=0).astype(jnp.float32)
     return stats, missed
+
+
+RANKS = 10  # per-rank accuracies reported for tree design (tree.best_nodes_tree)
+
+
+def _rank_hits(mcfg: MedusaConfig, params, lm, hidden, targets):
+    """``[M, RANKS]``: how many targets each head ranked 0, 1, ... (ties as ``ce_stats``)."""
+    logits, cols, valid, _ = _logits_and_targets(mcfg, params, lm, hidden, targets)
+    tgt = jnp.take_along_axis(logits, cols[..., None], axis=-1)  # [b, M, 1]
+    idx = jnp.arange(logits.shape[-1])
+    rank = jnp.sum((logits > tgt) | ((logits == tgt) & (idx < cols[..., None])), axis=-1)
+    onehot = (rank[..., None] == jnp.arange(RANKS)) & valid[..., None]  # [b, M, R]
+    return jnp.sum(onehot, axis=0).astype(jnp.float32)
 
 
 def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
@@ -160,7 +178,7 @@ def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: Hid
     def fn(params, hidden, targets):
         stats, missed = _heads_stats(mcfg, tcfg, params, lm, hidden, targets)
         ce, top1, top5, count = (jnp.stack(s) for s in zip(*stats, strict=True))
-        return ce, top1, top5, count, missed
+        return ce, top1, top5, count, missed, _rank_hits(mcfg, params, lm, hidden, targets)
 
     tot = None
     n = len(data)
@@ -172,9 +190,11 @@ def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: Hid
             t = np.concatenate([t, np.full((pad, t.shape[1]), -1, t.dtype)])
         out = [np.asarray(x, np.float64) for x in fn(params, h, t)]
         tot = out if tot is None else [a + b for a, b in zip(tot, out, strict=True)]
-    ce, top1, top5, count, missed = tot
+    ce, top1, top5, count, missed, ranks = tot
     total = np.maximum(count + missed, 1.0)
     return {
+        # [M, RANKS]: P(head k's rank-r guess is the target), tree.best_nodes_tree's input
+        "head_rank_acc": (ranks / total[:, None]).round(5).tolist(),
         "head_top1": (top1 / total).tolist(),
         "head_top5": (top5 / total).tolist(),
         "head_loss": (ce / np.maximum(count, 1.0)).tolist(),  # over in-draft targets
