@@ -51,6 +51,7 @@ class MedusaLM:
         self.params = {"base": jax.device_put(convert_layout(base_params, cfg))}
         self.tokenizer = tokenizer
         self.mcfg = None
+        self.heads_trees: dict = {}
         if mcfg is not None:
             self.set_heads(mcfg, medusa_params)
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else cfg.eos_token_ids)
@@ -80,11 +81,14 @@ class MedusaLM:
             from medusa_jax.weights.medusa_io import load_heads
 
             mcfg, mp = load_heads(medusa, base_cfg=cfg)
-            lm.set_heads(mcfg, mp)
+            lm.set_heads(mcfg, mp, trees=heads_trees(medusa))
         return lm
 
-    def set_heads(self, mcfg: MedusaConfig | None, medusa_params=None) -> None:
-        """Attach (or with None, detach) Medusa heads."""
+    def set_heads(self, mcfg: MedusaConfig | None, medusa_params=None,
+                  trees: dict | None = None) -> None:
+        """Attach (or with None, detach) Medusa heads. ``trees``: the trees chosen for these
+        heads per backend (``{"cpu": ..., "gpu": ...}``, see :func:`default_tree`)."""
+        self.heads_trees = dict(trees or {})
         if mcfg is None:
             self.mcfg = None
             self.params.pop("medusa", None)
@@ -162,16 +166,9 @@ class MedusaLM:
         return outs
 
     def default_tree(self):
-        """The tree shipped with the heads if any, else a small tree that suits a CPU."""
-        meta_tree = getattr(self, "heads_tree", None)
-        if meta_tree:
-            return meta_tree
-        from medusa_jax.tree import chain_tree
-
-        if jax.default_backend() == "cpu":
-            return [[0], [1], [0, 0], [0, 0, 0]][: max(1, self.mcfg.num_heads + 1)] \
-                if self.mcfg.num_heads >= 3 else chain_tree(self.mcfg.num_heads)
-        return "mc_sim_7b_63" if self.mcfg.num_heads >= 4 else chain_tree(self.mcfg.num_heads)
+        """The tree the heads were shipped with for this backend, else a generic default
+        (:func:`default_tree`)."""
+        return default_tree(self.mcfg, self.heads_trees)
 
     def decode(self, toks: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -196,3 +193,31 @@ def default_heads_path() -> str | None:
 
     p = os.path.join(os.path.dirname(__file__), "assets", "heads", "smollm2-135m-instruct")
     return p if os.path.isdir(p) else None
+
+
+def heads_trees(path: str) -> dict:
+    """The per-backend trees stored with heads in our format (metadata ``"trees"``), else {}."""
+    from medusa_jax.weights.errors import CheckpointError
+    from medusa_jax.weights.medusa_io import read_heads_metadata
+
+    try:
+        trees = read_heads_metadata(path).get("trees")
+    except CheckpointError:  # another layout (v1, HF): no metadata
+        return {}
+    return dict(trees) if isinstance(trees, dict) else {}
+
+
+def default_tree(mcfg: MedusaConfig, trees: dict | None = None, backend: str | None = None):
+    """The tree to decode with: ``trees["cpu"]`` on a CPU and ``trees["gpu"]`` elsewhere when
+    the heads came with them (chosen for the hardware, e.g. by ``benchmarks/choose_tree.py``);
+    otherwise a 4-node tree on a CPU, where a verification forward over many nodes costs several
+    plain steps, and ``mc_sim_7b_63`` on accelerators, where it costs about one."""
+    from medusa_jax.tree import chain_tree
+
+    backend = backend or jax.default_backend()
+    key = "cpu" if backend == "cpu" else "gpu"
+    if trees and trees.get(key):
+        return trees[key]
+    if key == "cpu":
+        return [[0], [1], [0, 0], [0, 0, 0]] if mcfg.num_heads >= 3 else chain_tree(mcfg.num_heads)
+    return "mc_sim_7b_63" if mcfg.num_heads >= 4 else chain_tree(mcfg.num_heads)

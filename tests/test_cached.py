@@ -141,3 +141,17 @@ def test_cached_run_learns_exports_and_decodes_like_vanilla(tmp_path, data_file)
     settings = make_settings([[0], [1], [0, 0], [0, 1], [0, 0, 0]], mcfg.num_heads, gen)
     got = medusa_generate(tr.model_cfg, mcfg, params, prompts, settings)
     assert got["tokens"] == want
+
+
+def test_trees_shipped_with_heads_are_the_default_per_backend(tmp_path):
+    from medusa_jax.api import default_tree, heads_trees
+    from medusa_jax.weights.medusa_io import save_heads
+
+    mcfg = MedusaConfig(num_heads=4, hidden_size=8, vocab_size=10)
+    cpu_tree = [[0], [0, 0], [1]]
+    save_heads(tmp_path, mcfg, init_medusa_params(mcfg), {"trees": {"cpu": cpu_tree}})
+    trees = heads_trees(str(tmp_path))
+    assert default_tree(mcfg, trees, backend="cpu") == cpu_tree
+    assert default_tree(mcfg, trees, backend="gpu") == "mc_sim_7b_63"  # none shipped for GPUs
+    assert default_tree(mcfg, {}, backend="cpu") == [[0], [1], [0, 0], [0, 0, 0]]
+    assert heads_trees(str(tmp_path / "nowhere")) == {}
