@@ -151,6 +151,8 @@ def compare(lm, prompts, args, kw) -> int:
             if args.json:
                 print(json.dumps({"prompt": prompt, "vanilla": v.to_dict(), "medusa": m.to_dict(),
                                   "identical": same}), flush=True)
+            else:
+                print(m.text.strip() + "\n", flush=True)
     tps = {k: n / s if s > 0 else 0.0 for k, (n, s) in totals.items()}
     ratio = tps["medusa"] / tps["vanilla"] if tps["vanilla"] else float("nan")
     summary = {
