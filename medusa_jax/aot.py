@@ -778,7 +778,7 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     )
     # a verification step reads every weight and the whole cache once: the HBM-bound floor
     rep.extra["min_step_s"] = (rep.param_bytes + rep.kv_cache_bytes) / topo.hbm_bandwidth
-    propose = heads_proposer(mcfg, cfg, tree_b.topk)
+    propose = heads_proposer(mcfg, cfg, tree_b.topk, tree_b.depth)
     rep.extra["weight_layout"] = weight_layout
     if weight_layout == "default":
         jitted = _Lowerable(_medusa_decode, dict(cfg=cfg, settings=settings, propose=propose))

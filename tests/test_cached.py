@@ -134,6 +134,8 @@ def test_cached_run_learns_exports_and_decodes_like_vanilla(tmp_path, data_file)
     hidden = np.random.default_rng(0).standard_normal((2, tr.model_cfg.hidden_size), np.float32)
     cand = np.asarray(propose(params, hidden, None))
     assert cand.shape == (2, mcfg.num_heads, 3) and np.isin(cand, mcfg.draft_ids).all()
+    shallow = np.asarray(heads_proposer(mcfg, tr.model_cfg, 3, 2)(params, hidden, None))
+    np.testing.assert_array_equal(shallow, cand[:, :2])  # a depth-2 tree runs 2 heads only
 
     gen = GenerationSettings(max_new_tokens=24, eos_token_ids=tuple(tr.model_cfg.eos_token_ids))
     prompts = [list(b"count from 7"), list(b"count from 31 please")]

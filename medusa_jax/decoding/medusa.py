@@ -95,18 +95,25 @@ class MedusaState:
 
 
 @functools.lru_cache(maxsize=32)
-def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int):
-    """The default proposer: the heads' top-k at the last accepted position ``[B, M, k]``."""
+def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int, depth: int | None = None):
+    """The default proposer: the heads' top-k at the last accepted position ``[B, M, k]``.
+    ``depth``: run only the first ``depth`` heads (a shallower tree never reads the others)."""
+    full = mcfg
+    if depth is not None and depth < mcfg.num_heads:
+        mcfg = dataclasses.replace(mcfg, num_heads=max(depth, 1))
 
     def propose(params, hidden, state):
         model = LlamaModel(base_cfg)
-        hh = MedusaHeads(mcfg, dtype=base_cfg.dtype).apply({"params": params["medusa"]}, hidden)
+        medusa = params["medusa"]
+        if mcfg.num_heads < full.num_heads:  # parameters are stacked over heads: [M, ...]
+            medusa = {k: v[: mcfg.num_heads] for k, v in medusa.items()}
+        hh = MedusaHeads(mcfg, dtype=base_cfg.dtype).apply({"params": medusa}, hidden)
 
         def base_proj(x):
             return model.apply({"params": params["base"]}, x, method=LlamaModel.logits)
 
         lm = lm_head_weight(params["base"], base_cfg) if mcfg.draft_ids is not None else None
-        lg = head_logits(mcfg, params["medusa"], hh, base_proj, lm)  # [B, M, V or V']
+        lg = head_logits(mcfg, medusa, hh, base_proj, lm)  # [B, M, V or V']
         return draft_to_vocab(mcfg, jax.lax.top_k(lg, topk)[1].astype(jnp.int32))
 
     return propose
@@ -222,7 +229,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     state = compiled_call(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
                           cache_len=cache_len)
-    propose = propose or heads_proposer(mcfg, cfg, tree.topk)
+    propose = propose or heads_proposer(mcfg, cfg, tree.topk, tree.depth)
 
     def step(state, stop):
         return compiled_call(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,
