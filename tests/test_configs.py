@@ -59,7 +59,8 @@ def test_every_config_parses_and_every_key_is_used(path):
 
 def test_recipes():
     m1 = load_run_config(os.path.join(ROOT, "configs", "smollm2_medusa1.yaml"))
-    assert (m1.medusa.num_heads, m1.medusa.num_layers, m1.medusa.shared_lm_head) == (4, 1, True)
+    assert (m1.medusa.num_heads, m1.medusa.num_layers, m1.medusa.shared_lm_head) == (5, 1, True)
+    assert m1.train.cache_hidden and m1.medusa.draft_vocab_size == 4096
     assert m1.train.peak_heads_lr == 1e-3 and m1.train.warmup_ratio == 0.1
     assert m1.train.schedule == "cosine" and m1.train.decay == 0.8
     m2 = load_run_config(os.path.join(ROOT, "configs", "smollm2_medusa2.yaml"))
