@@ -109,6 +109,7 @@ def test_cached_run_learns_exports_and_decodes_like_vanilla(tmp_path, data_file)
     cfg = config(tmp_path, data_file, "train.cache_hidden=true", "medusa.draft_vocab_size=48",
                  "train.steps=40", "train.token_batch=64", "train.heads_lr=0.05", "log.every_steps=5")
     summary = train_cached(cfg)
+    assert summary["hidden_cache"]["status"] == "saved"
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == list(range(5, 41, 5))
     assert lines[-1]["loss"] < 0.8 * lines[0]["loss"]
@@ -157,3 +158,18 @@ def test_trees_shipped_with_heads_are_the_default_per_backend(tmp_path):
     assert default_tree(mcfg, trees, backend="gpu") == "mc_sim_7b_63"  # none shipped for GPUs
     assert default_tree(mcfg, {}, backend="cpu") == [[0], [1], [0, 0], [0, 0, 0]]
     assert heads_trees(str(tmp_path / "nowhere")) == {}
+
+
+def test_a_rerun_reuses_the_hidden_states(tmp_path, data_file):
+    args = ("train.cache_hidden=true", "train.steps=6", "train.token_batch=64")
+    first = train_cached(config(tmp_path, data_file, *args))
+    again = train_cached(config(tmp_path, data_file, *args))
+    assert (first["hidden_cache"]["status"], again["hidden_cache"]["status"]) == ("saved", "loaded")
+    assert again["eval"] == first["eval"] and again["train_positions"] == first["train_positions"]
+    # other heads need other targets: a new cache entry
+    other = train_cached(config(tmp_path, data_file, *args, "medusa.num_heads=2"))
+    assert other["hidden_cache"]["status"] == "saved"
+    assert other["hidden_cache"]["path"] != first["hidden_cache"]["path"]
+    with open(first["hidden_cache"]["path"], "wb") as f:  # damaged: recomputed, not fatal
+        f.write(b"garbage")
+    assert train_cached(config(tmp_path, data_file, *args))["hidden_cache"]["status"] == "saved"

@@ -15,13 +15,16 @@ them as misses.
 
     summary = train_cached(load_run_config("configs/smollm2_medusa1.yaml"))
 
-There are no checkpoints in the middle (a run over a few hundred thousand tokens takes minutes);
+There are no checkpoints in the middle (training a few hundred thousand positions takes minutes);
 a run writes ``metrics.jsonl``, ``summary.json`` and the exported heads like the trainer does.
+The hidden states are kept next to the tokenised-data cache, so a rerun with other training
+settings (steps, learning rate, draft vocabulary) skips the base forward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -203,6 +206,49 @@ def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: Hid
     }
 
 
+def _hidden_cache_path(run_cfg: RunConfig, data_cache_file: str | None,
+                       num_heads: int) -> str | None:
+    """Where this run's hidden states are kept between runs: next to the tokenised-data cache,
+    keyed by that cache (itself keyed by the data and its settings), the model section of the
+    config, the model file's size and mtime and the number of heads. None without a data
+    cache (``data.cache: false``)."""
+    if not data_cache_file:
+        return None
+    from medusa_jax.training.prepare import _file_identity  # noqa: PLC0415
+
+    model = to_dict(run_cfg)["model"]
+    path = model.get("path")
+    ident = _file_identity(path) if path and os.path.exists(path) else None
+    key = json.dumps([os.path.basename(data_cache_file), model, ident, num_heads,
+                      run_cfg.train.seq_len], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(os.path.dirname(data_cache_file), f"hidden-{digest}.npz")
+
+
+def _save_hidden(path: str, train_set: HiddenSet, eval_set: HiddenSet | None) -> None:
+    arrays = {"train_hidden": train_set.hidden, "train_targets": train_set.targets}
+    if eval_set is not None:
+        arrays |= {"eval_hidden": eval_set.hidden, "eval_targets": eval_set.targets}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(f, **arrays)
+    os.replace(tmp, path)  # readers never see a half-written cache
+
+
+def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            train = HiddenSet(z["train_hidden"], z["train_targets"])
+            ev = HiddenSet(z["eval_hidden"], z["eval_targets"]) if "eval_hidden" in z else None
+    except (OSError, ValueError, KeyError) as e:  # damaged: recompute (and overwrite)
+        log.warning("ignoring the damaged hidden-state cache %s (%s)", path, e)
+        return None
+    log.info("hidden states from the cache %s", path)
+    return train, ev
+
+
 def train_cached(run_cfg: RunConfig) -> dict:
     """Medusa-1 heads from cached hidden states (see the module docstring); returns a summary
     like :meth:`~medusa_jax.training.loop.Trainer.run`'s."""
@@ -221,10 +267,19 @@ def train_cached(run_cfg: RunConfig) -> dict:
     model_cfg, base = build_base(run_cfg)
     base_dev = jax.device_put(base)
     t = time.perf_counter()
-    train_set = collect_hidden(model_cfg, base_dev, data.train, m.num_heads, tcfg.batch_size,
-                               "hidden states (train)")
-    eval_set = (collect_hidden(model_cfg, base_dev, data.eval, m.num_heads, tcfg.batch_size,
-                               "hidden states (eval)") if data.eval is not None else None)
+    cache_path = _hidden_cache_path(run_cfg, data.cache_file, m.num_heads)
+    sets = _load_hidden(cache_path) if cache_path else None
+    hidden_cache = "loaded" if sets else None
+    if sets is None:
+        train_set = collect_hidden(model_cfg, base_dev, data.train, m.num_heads,
+                                   tcfg.batch_size, "hidden states (train)")
+        eval_set = (collect_hidden(model_cfg, base_dev, data.eval, m.num_heads, tcfg.batch_size,
+                                   "hidden states (eval)") if data.eval is not None else None)
+        if cache_path:
+            _save_hidden(cache_path, train_set, eval_set)
+            hidden_cache = "saved"
+    else:
+        train_set, eval_set = sets
     collect_s = time.perf_counter() - t
     log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
              0 if eval_set is None else len(eval_set), collect_s)
@@ -280,6 +335,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
         "draft_vocab_size": None if draft is None else len(draft),
         "draft_coverage_train": draft_coverage(train_set.targets, draft),
         "collect_s": round(collect_s, 1), "train_s": round(train_s, 1),
+        "hidden_cache": None if cache_path is None else {"path": cache_path, "status": hidden_cache},
         "wall_time_s": time.perf_counter() - t_origin, "eval": ev,
     }
     host = jax.tree.map(np.asarray, params)
