@@ -22,6 +22,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from medusa_jax.platform import skip_absent_tpu
+
+skip_absent_tpu()  # before any benchmark imports jax: no TPU probing where libtpu sits unused
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 MTBENCH_REL = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
