@@ -103,6 +103,30 @@ def test_medusa_heads_equal_vanilla(scanned, prompt_ids, vanilla_out, scale):
     assert np.asarray(res["accept_hist"]).sum(-1).tolist() == res["steps"]
 
 
+def test_shipped_heads_accept_more_and_equal_vanilla(scanned, prompt_ids, vanilla_out):
+    """The heads shipped in the package load for the default model, carry the trees chosen for
+    CPU and GPU, decode exactly like vanilla greedy with the CPU tree and accept clearly more
+    than one token per step (fresh heads accept ~1.0-1.1 here)."""
+    from medusa_jax.api import default_heads_path, default_tree, heads_trees
+    from medusa_jax.tree import build_tree
+    from medusa_jax.weights.medusa_io import load_heads
+
+    cfg, params = scanned
+    path = default_heads_path()
+    assert path is not None, "medusa_jax/assets/heads/smollm2-135m-instruct is missing"
+    mcfg, heads = load_heads(path, base_cfg=cfg)
+    assert mcfg.draft_ids is not None and len(mcfg.draft_ids) == 4096
+    trees = heads_trees(path)
+    for backend in ("cpu", "gpu"):
+        build_tree(trees[backend], num_heads=mcfg.num_heads)  # valid for these heads
+    gen = GenerationSettings(max_new_tokens=NEW, pad_token_id=2)
+    st = make_settings(default_tree(mcfg, trees, backend="cpu"), mcfg.num_heads, gen)
+    res = medusa_generate(cfg, mcfg, {"base": params, "medusa": heads}, prompt_ids, st)
+    assert res["tokens"] == vanilla_out
+    accepted = sum(map(len, res["tokens"])) / sum(res["steps"])
+    assert accepted > 1.2, accepted
+
+
 def _decode(*args, stdin=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)
