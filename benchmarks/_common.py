@@ -46,19 +46,8 @@ def mtbench_path() -> str:
 
 def mtbench_questions(n: int) -> list[dict]:
     """The first ``n`` MT-bench questions: ``question_id``, ``category`` and the first turn."""
-    out = []
-    with open(mtbench_path()) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            q = json.loads(line)
-            out.append({"question_id": q["question_id"], "category": q["category"],
-                        "text": q["turns"][0]})
-            if len(out) == n:
-                break
-    if len(out) < n:
-        raise SystemExit(f"MT-bench has only {len(out)} questions, {n} asked for")
-    return out
+    return [{"question_id": q["question_id"], "category": q["category"], "text": q["turns"][0]}
+            for q in mtbench_conversations(n)]
 
 
 # --------------------------------------------------------------------------- machine
