@@ -50,6 +50,9 @@ def parse_args(argv=None):
     o.add_argument("--json", action="store_true", help="one JSON object per prompt")
     o.add_argument("--compare", action="store_true",
                    help="run vanilla and Medusa on the same prompts; check greedy outputs agree")
+    o.add_argument("--repeats", type=int, default=1,
+                   help="--compare: timed rounds over the prompts (the order alternates), so "
+                   "one noisy run does not decide the ratio")
     o.add_argument("--no-stream", action="store_true", help="do not stream text to the terminal")
     return p.parse_args(argv)
 
@@ -95,6 +98,8 @@ def run(args) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     medusa = None if args.medusa in ("none", "") else args.medusa
     lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.compare and not lm.has_heads:
         raise ValueError("--compare needs Medusa heads (--medusa PATH)")
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -137,26 +142,32 @@ def compare(lm, prompts, args, kw) -> int:
             lm.generate(batch, medusa=use, **kw)
         break
     compile_s = time.perf_counter() - t0
-    for batch in _batches(prompts, args.batch_size):
-        van = lm.generate(batch, medusa=False, **kw)
-        med = lm.generate(batch, medusa=True, **kw)
-        for name, outs in (("vanilla", van), ("medusa", med)):
-            totals[name][0] += sum(o.num_new_tokens for o in outs)
-            totals[name][1] += outs[0].seconds
-        for prompt, v, m in zip(batch, van, med):
-            same = v.token_ids == m.token_ids
-            mismatches += int(greedy and not same)
-            accepted += m.num_new_tokens
-            steps += m.steps or 0
-            if args.json:
-                print(json.dumps({"prompt": prompt, "vanilla": v.to_dict(), "medusa": m.to_dict(),
-                                  "identical": same}), flush=True)
-            else:
-                print(m.text.strip() + "\n", flush=True)
+    for rnd in range(args.repeats):
+        for batch in _batches(prompts, args.batch_size):
+            res = {}
+            for use in ((False, True) if rnd % 2 == 0 else (True, False)):
+                res[use] = lm.generate(batch, medusa=use, **kw)
+            van, med = res[False], res[True]
+            for name, outs in (("vanilla", van), ("medusa", med)):
+                totals[name][0] += sum(o.num_new_tokens for o in outs)
+                totals[name][1] += outs[0].seconds
+            for prompt, v, m in zip(batch, van, med):
+                same = v.token_ids == m.token_ids
+                mismatches += int(greedy and not same)
+                accepted += m.num_new_tokens
+                steps += m.steps or 0
+                if rnd > 0:
+                    continue
+                if args.json:
+                    print(json.dumps({"prompt": prompt, "vanilla": v.to_dict(),
+                                      "medusa": m.to_dict(), "identical": same}), flush=True)
+                else:
+                    print(m.text.strip() + "\n", flush=True)
     tps = {k: n / s if s > 0 else 0.0 for k, (n, s) in totals.items()}
     ratio = tps["medusa"] / tps["vanilla"] if tps["vanilla"] else float("nan")
     summary = {
-        "prompts": len(prompts), "vanilla_tokens_per_second": round(tps["vanilla"], 2),
+        "prompts": len(prompts), "repeats": args.repeats,
+        "vanilla_tokens_per_second": round(tps["vanilla"], 2),
         "medusa_tokens_per_second": round(tps["medusa"], 2), "speedup": round(ratio, 3),
         "mean_accepted": round(accepted / max(steps, 1), 3), "compile_seconds": round(compile_s, 1),
         "greedy_mismatches": mismatches if greedy else None,
@@ -166,7 +177,7 @@ def compare(lm, prompts, args, kw) -> int:
     else:
         print(f"vanilla: {tps['vanilla']:.1f} tok/s   medusa: {tps['medusa']:.1f} tok/s   "
               f"speedup: {ratio:.2f}x   mean accepted/step: {summary['mean_accepted']:.2f}   "
-              f"(compile {compile_s:.0f}s, {len(prompts)} prompts)")
+              f"(compile {compile_s:.0f}s, {len(prompts)} prompts x {args.repeats} rounds)")
         if greedy:
             print("greedy outputs identical: " + ("yes" if mismatches == 0 else f"NO ({mismatches} differ)"))
     return 1 if mismatches else 0

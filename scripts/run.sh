@@ -9,6 +9,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$#" -eq 0 ]; then
   set -- --prompt "What are three good reasons to learn to cook at home?" --max-new-tokens 128 \
-    --compare
+    --compare --repeats 3
 fi
 exec .venv/bin/python decode.py "$@"

@@ -147,6 +147,18 @@ def test_decode_cli_json(vanilla_out):
     assert rows[0]["token_ids"] == vanilla_out[0][: rows[0]["num_new_tokens"]]
 
 
+def test_decode_cli_compare_with_the_shipped_heads():
+    """The main command's mode: shipped heads vs vanilla, several rounds, identical outputs."""
+    r = _decode("--compare", "--repeats", "2", "--json", "--max-new-tokens", "12",
+                "--prompt", PROMPTS[2])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0]["identical"]  # one prompt row (first round), the summary
+    s = rows[-1]["summary"]
+    assert s["repeats"] == 2 and s["greedy_mismatches"] == 0 and s["mean_accepted"] >= 1.0
+    assert s["speedup"] > 0 and s["medusa_tokens_per_second"] > 0
+
+
 @pytest.mark.parametrize("args, stdin, message", [
     (["--prompt", "   "], None, "prompt 0 is empty"),
     (["--prompt", "hi", "--top-p", "0"], None, "top_p"),
