@@ -49,6 +49,20 @@ def parse_args(argv=None):
     return a
 
 
+def torch_generate(tmodel, ids, max_new_tokens: int, eos, pad) -> tuple[list[int], float]:
+    """Greedy ``generate`` of transformers' model for one prompt: (new tokens up to EOS, s)."""
+    import torch
+
+    x = torch.tensor([ids], dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = tmodel.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                              max_new_tokens=max_new_tokens, eos_token_id=list(eos),
+                              pad_token_id=pad)
+    dt = time.perf_counter() - t0
+    return C.trim_at_eos(out[0, len(ids):].tolist(), eos), dt
+
+
 def load_torch_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -121,14 +135,8 @@ def main(argv=None) -> int:
     def make_torch(threads):
         def run_torch(ids):
             torch.set_num_threads(threads)
-            x = torch.tensor([ids], dtype=torch.long)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = tmodel.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                      max_new_tokens=args.max_new_tokens,
-                                      eos_token_id=list(eos), pad_token_id=pad)
-            dt = time.perf_counter() - t0
-            return C.trim_at_eos(out[0, len(ids):].tolist(), eos), {"total_s": dt}
+            toks, dt = torch_generate(tmodel, ids, args.max_new_tokens, eos, pad)
+            return toks, {"total_s": dt}
 
         return run_torch
 

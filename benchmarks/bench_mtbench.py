@@ -342,21 +342,15 @@ def main(argv=None) -> int:
     runners = {"vanilla": run_vanilla, "medusa": run_medusa}
     if args.torch_questions:
         import torch
-        from bench_decode import load_torch_model
+        from bench_decode import load_torch_model, torch_generate
 
         torch.set_num_threads(1)  # the fastest setting measured on this machine
         log("loading the transformers model (fp32)")
         tmodel = load_torch_model(model_path)
 
         def run_torch(ids):
-            x = torch.tensor([ids], dtype=torch.long)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = tmodel.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                      max_new_tokens=args.max_new_tokens,
-                                      eos_token_id=list(eos), pad_token_id=pad)
-            dt = time.perf_counter() - t0
-            return {"tokens": C.trim_at_eos(out[0, len(ids):].tolist(), eos), "total_s": dt}
+            toks, dt = torch_generate(tmodel, ids, args.max_new_tokens, eos, pad)
+            return {"tokens": toks, "total_s": dt}
 
         runners["torch"] = run_torch
 

@@ -418,6 +418,19 @@ def _compile(jitted, args, mesh: Mesh):
     return compiled, time.perf_counter() - t0, None
 
 
+def _compile_into(rep: AOTReport, jitted, args, mesh) -> None:
+    """Compile ``jitted(*args)`` and record the result in ``rep``: the compiled memory figures,
+    or ``fits=False`` with the compiler's out-of-memory numbers and first message line."""
+    compiled, rep.compile_s, oom = _compile(jitted, args, mesh)
+    if compiled is not None:
+        _fill_from_compiled(rep, compiled)
+        return
+    rep.fits = False
+    parsed = parse_oom(str(oom))
+    rep.needed_bytes, rep.extra["usable_bytes"] = parsed if parsed else (None, None)
+    rep.extra["compiler_message"] = _first_line(str(oom))
+
+
 def _fill_from_compiled(rep: AOTReport, compiled) -> None:
     ma = compiled.memory_analysis()
     mem = {
@@ -613,14 +626,7 @@ def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | To
     )
     jitted = _jitted_train_step(cfg, mcfg, tcfg, sh, mesh)
     args = (state, batch) + ((frozen,) if frozen is not None else ())
-    compiled, rep.compile_s, oom = _compile(jitted, args, mesh)
-    if compiled is not None:
-        _fill_from_compiled(rep, compiled)
-    else:
-        rep.fits = False
-        parsed = parse_oom(str(oom))
-        rep.needed_bytes, rep.extra["usable_bytes"] = parsed if parsed else (None, None)
-        rep.extra["compiler_message"] = _first_line(str(oom))
+    _compile_into(rep, jitted, args, mesh)
     if not rep.fits:
         rep.suggestions = _train_suggestions(rep, cfg, mcfg, tcfg, mesh)
         what = f"the {tcfg.mode} train step"
@@ -793,14 +799,7 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
         jitted = jax.jit(loop, in_shardings=(p_fmt, s_sh, stop.sharding), donate_argnums=(1,))
     else:
         raise AOTError(f"weight_layout={weight_layout!r} must be 'default' or 'auto'")
-    compiled, rep.compile_s, oom = _compile(jitted, (params, state, stop), mesh)
-    if compiled is not None:
-        _fill_from_compiled(rep, compiled)
-    else:
-        rep.fits = False
-        parsed = parse_oom(str(oom))
-        rep.needed_bytes, rep.extra["usable_bytes"] = parsed if parsed else (None, None)
-        rep.extra["compiler_message"] = _first_line(str(oom))
+    _compile_into(rep, jitted, (params, state, stop), mesh)
     if not rep.fits:
         rep.suggestions = _decode_suggestions(rep, cfg, mesh, batch_size, cache_len)
         rep.error = _not_fit_message(rep, "the Medusa decoding loop", rep.suggestions)

@@ -1,6 +1,7 @@
 """Shared test setup. The environment is set before anything imports jax: 8 virtual CPU devices
 (sharding tests), no Hugging Face network access, quiet tokenizers."""
 
+import json
 import os
 
 _FLAG = "--xla_force_host_platform_device_count=8"
@@ -72,3 +73,26 @@ def real_torch_model(real_gguf_path):
     return transformers.AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32, attn_implementation="eager"
     ).eval()
+
+
+def _counting_conversation(i: int) -> dict:
+    """A short exchange whose answer is a learnable function of the question."""
+    a = i % 50
+    return {"id": f"c{i}", "conversations": [
+        {"from": "human", "value": f"count from {a}"},
+        {"from": "gpt", "value": " ".join(str(a + k) for k in range(6))},
+    ]}
+
+
+@pytest.fixture(scope="session")
+def conversation():
+    """``conversation(i)``: the i-th record of :func:`data_file` (ShareGPT form)."""
+    return _counting_conversation
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """96 counting conversations as JSONL, for the tiny-model training runs."""
+    path = tmp_path_factory.mktemp("data") / "convs.jsonl"
+    path.write_text("".join(json.dumps(_counting_conversation(i)) + "\n" for i in range(96)))
+    return str(path)

@@ -32,21 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-def conversation(i: int) -> dict:
-    a = i % 50
-    return {"id": f"c{i}", "conversations": [
-        {"from": "human", "value": f"count from {a}"},
-        {"from": "gpt", "value": " ".join(str(a + k) for k in range(6))},
-    ]}
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "convs.jsonl"
-    path.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(96)))
-    return str(path)
-
-
 def config(run_dir, data_file, *overrides):
     return load_run_config(TINY, [
         f"data.path={data_file}", f"data.cache_dir={run_dir}/cache", f"checkpoint.dir={run_dir}",

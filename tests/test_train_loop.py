@@ -32,22 +32,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
-def conversation(i: int) -> dict:
-    """A short exchange whose answer is a learnable function of the question."""
-    a = i % 50
-    return {"id": f"c{i}", "conversations": [
-        {"from": "human", "value": f"count from {a}"},
-        {"from": "gpt", "value": " ".join(str(a + k) for k in range(6))},
-    ]}
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "convs.jsonl"
-    path.write_text("".join(json.dumps(conversation(i)) + "\n" for i in range(96)))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
@@ -221,7 +205,7 @@ def test_medusa2_exports_heads_and_base(tmp_path, data_file, cache_dir):
     assert_trees_equal(base, trained["base"])
 
 
-def test_malformed_records_are_counted_and_an_empty_file_is_an_error(tmp_path, cache_dir):
+def test_malformed_records_are_counted_and_an_empty_file_is_an_error(tmp_path, cache_dir, conversation):
     good = [json.dumps(conversation(i)) for i in range(40)]
     bad = ["{not json", json.dumps({"conversations": [{"from": "alien", "value": "hi"}]}),
            json.dumps({"messages": []}), json.dumps([1, 2, 3])]
