@@ -135,6 +135,10 @@ def _quiet_libtpu() -> None:
         return
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    # libtpu takes /tmp/libtpu_lockfile so two processes never share chips; with no chips there
+    # is nothing to share, and without this a second compiling process (two test runs, a report
+    # next to a test) fails to start.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 @functools.lru_cache(maxsize=16)
@@ -164,6 +168,8 @@ def get_topology(name: str) -> Topology:
     try:
         desc = topologies.get_topology_desc(topology_name=name, platform="tpu", **kw)
     except Exception as e:  # libtpu's own words (JaxRuntimeError: INVALID_ARGUMENT ...)
+        if "INVALID_ARGUMENT" not in str(e):  # libtpu did not start: not the name's fault
+            raise AOTError(f"libtpu could not describe TPU topology {name!r}: {e}") from e
         raise AOTError(f"unknown TPU topology {name!r}: {e} (examples: {examples})") from e
     devices = tuple(desc.devices)
     kind = devices[0].device_kind
