@@ -5,6 +5,7 @@ node the logits of a plain forward over its root-to-node path."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,34 @@ def test_advance_and_attention_mask():
     np.testing.assert_array_equal(m[0].astype(int), [[1, 1, 0, 0, 0],
                                                      [1, 1, 1, 0, 0],
                                                      [1, 1, 0, 1, 0]])
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_step_copies_neither_cache_nor_weights(batch, tiny_cfg, tiny_params):
+    """Performance regression, checked on the compiled HLO (no timing): one decode step of the
+    unrolled model writes its new K/V into the stacked cache in place and reads the projection
+    weights where they are. Before, XLA:CPU copied the whole ``[L, B, S, K, H]`` cache twice per
+    layer, plus q_proj and a transposed o_proj, every step: more memory traffic than the
+    weights themselves on the default model."""
+    cfg = tiny_cfg
+    model = LlamaModel(cfg)
+    cache = KVCache.init(cfg, batch, 48).replace(lengths=jnp.full((batch,), 5, jnp.int32))
+
+    @functools.partial(jax.jit, donate_argnums=1)  # as in the decode loops: updated in place
+    def step(params, cache, tok):
+        h, cache = model.apply({"params": params}, tok, cache=cache)
+        return model.apply({"params": params}, h, method=LlamaModel.logits), cache
+
+    hlo = step.lower(tiny_params, cache, jnp.ones((batch, 1), jnp.int32)).compile().as_text()
+    shapes = []
+    for line in hlo.splitlines():
+        m = re.search(r"%(copy[\w.-]*) = \w+\[([\d,]*)\]", line)
+        if m:
+            shapes.append(tuple(int(d) for d in m.group(2).split(",") if d))
+    assert shapes, "expected some (small) copies in the step; the HLO text format changed?"
+    sizes = {int(np.prod(s)) for s in shapes}
+    cache_size = int(np.prod(cache.k.shape))
+    layer = tiny_params["layers_0"]["attn"]
+    weight_sizes = {int(np.prod(np.shape(layer[n]))) for n in ("q_proj", "o_proj")}
+    assert cache_size not in sizes, f"the decode step copies the whole KV cache: {shapes}"
+    assert not (weight_sizes & sizes), f"the decode step copies projection weights: {shapes}"

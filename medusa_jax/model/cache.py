@@ -69,14 +69,20 @@ class KVCache:
         return KVCache(k=move(self.k), v=move(self.v), lengths=self.lengths + n.astype(jnp.int32))
 
 
-def write_chunk(cache_l: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write ``new: [B, T, K, H]`` into one layer's ``cache_l: [B, S, K, H]`` at row offsets
-    ``starts: [B]``."""
+def write_chunk(cache: jax.Array, new: jax.Array, layer, starts: jax.Array) -> jax.Array:
+    """Write one layer's new keys or values ``new: [B, T, K, H]`` into the stacked
+    ``cache: [L, B, S, K, H]`` at layer ``layer`` and row offsets ``starts: [B]``.
 
-    def row(cb, nb, s):
-        return jax.lax.dynamic_update_slice(cb, nb.astype(cb.dtype), (s, 0, 0))
-
-    return jax.vmap(row)(cache_l, new, starts)
+    Only the ``T`` new slots are written, in place: slicing the layer out, updating it and
+    writing the whole layer back made XLA copy the full stacked cache twice per layer per step
+    on the CPU (as much memory traffic as reading the weights again)."""
+    B, T = new.shape[:2]
+    new = new.astype(cache.dtype)
+    if B == 1:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, starts[0], 0, 0))
+    rows = jnp.arange(B)[:, None]
+    slots = jnp.clip(starts[:, None] + jnp.arange(T)[None, :], 0, cache.shape[2] - 1)
+    return cache.at[layer, rows, slots].set(new, mode="promise_in_bounds")
 
 
 def attention_mask(lengths: jax.Array, T: int, S: int, chunk_mask: jax.Array | None) -> jax.Array:

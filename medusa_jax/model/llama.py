@@ -69,9 +69,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
-        """``x: [B, T, D]``, ``mask: [B, T, S]``; with ``cache_kv=(k, v)`` (``[B, S, K, H]``) the
-        new keys/values are written at ``starts: [B]`` and attention runs over the cache."""
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None, layer_idx=None):
+        """``x: [B, T, D]``, ``mask: [B, T, S]``; with ``cache_kv=(k, v)`` (the stacked cache,
+        ``[L, B, S, K, H]``) the new keys/values are written into layer ``layer_idx`` at
+        ``starts: [B]`` and attention runs over that layer of the cache."""
         cfg = self.cfg
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
@@ -79,9 +80,12 @@ class Attention(nn.Module):
         wk = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
         wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), cfg)
-        q = jnp.einsum("btd,dnh->btnh", x, wq.astype(dt))  # [B, T, N, H]
-        k = jnp.einsum("btd,dkh->btkh", x, wk.astype(dt))  # [B, T, K, H]
-        v = jnp.einsum("btd,dkh->btkh", x, wv.astype(dt))  # [B, T, K, H]
+        B, T = x.shape[:2]
+        # plain 2-D products on the row-major weights: with einsum XLA:CPU copied q_proj and a
+        # transposed o_proj every decode step (reshapes here are free bitcasts)
+        q = (x @ wq.astype(dt).reshape(D, N * H)).reshape(B, T, N, H)
+        k = (x @ wk.astype(dt).reshape(D, K * H)).reshape(B, T, K, H)
+        v = (x @ wv.astype(dt).reshape(D, K * H)).reshape(B, T, K, H)
         if cfg.attention_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (N, H), ("heads", "head_dim"), cfg, zeros).astype(dt)
@@ -93,17 +97,18 @@ class Attention(nn.Module):
 
         new_kv = None
         if cache_kv is not None:
-            ck = write_chunk(cache_kv[0], k, starts)  # [B, S, K, H]
-            cv = write_chunk(cache_kv[1], v, starts)
-            new_kv, k, v = (ck, cv), ck.astype(dt), cv.astype(dt)
+            ck = write_chunk(cache_kv[0], k, layer_idx, starts)  # [L, B, S, K, H]
+            cv = write_chunk(cache_kv[1], v, layer_idx, starts)
+            new_kv = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer_idx, 0, keepdims=False).astype(dt)
+            v = jax.lax.dynamic_index_in_dim(cv, layer_idx, 0, keepdims=False).astype(dt)
 
-        B, T = x.shape[:2]
         qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
         scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / math.sqrt(H)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
-        return jnp.einsum("btnh,nhd->btd", out, wo.astype(dt)), new_kv
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N * H)
+        return out @ wo.astype(dt).reshape(N * H, D), new_kv
 
 
 class MLP(nn.Module):
@@ -136,18 +141,15 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_idx):
         x, kc, vc, positions, mask, starts = carry
-        cache_kv = None
-        if kc is not None:  # kc, vc: [L, B, S, K, H]; this layer's slice is updated in place
-            cache_kv = (kc[layer_idx], vc[layer_idx])
+        cache_kv = None if kc is None else (kc, vc)  # [L, B, S, K, H]: updated in place
         h, new_kv = Attention(self.cfg, name="attn")(
-            RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_kv, starts
+            RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_kv, starts, layer_idx
         )
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         if new_kv is not None:
-            kc = jax.lax.dynamic_update_index_in_dim(kc, new_kv[0], layer_idx, 0)
-            vc = jax.lax.dynamic_update_index_in_dim(vc, new_kv[1], layer_idx, 0)
+            kc, vc = new_kv
         return (x, kc, vc, positions, mask, starts), None
 
 
