@@ -35,6 +35,10 @@ def parse_args(argv=None):
                    help="Medusa heads dir (our format, original v1/v2 layout, or a Medusa-2 HF dir); "
                         "'none' for plain decoding; 'default' = heads shipped for the default model")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    m.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
+                   help="layer layout: scanned (compiles in about a second) or, with "
+                   "--no-scan-layers, unrolled (about 7 s to compile per loop on the default "
+                   "model, then faster steps on a CPU: worth it for long or many generations)")
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -97,7 +101,7 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     medusa = None if args.medusa in ("none", "") else args.medusa
-    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype)
+    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype, scan_layers=args.scan_layers)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.compare and not lm.has_heads:

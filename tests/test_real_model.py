@@ -135,8 +135,9 @@ def _decode(*args, stdin=None):
 
 
 def test_decode_cli_json(vanilla_out):
+    """JSON output, batched, with the unrolled layer layout: the same tokens as scanned layers."""
     r = _decode("--medusa", "none", "--json", "--max-new-tokens", "8", "--prompt", PROMPTS[0],
-                "--prompt", PROMPTS[1], "--batch-size", "2")
+                "--prompt", PROMPTS[1], "--batch-size", "2", "--no-scan-layers")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2
