@@ -77,12 +77,9 @@ def write_chunk(cache: jax.Array, new: jax.Array, layer, starts: jax.Array) -> j
     writing the whole layer back made XLA copy the full stacked cache twice per layer per step
     on the CPU (as much memory traffic as reading the weights again)."""
     B, T = new.shape[:2]
-    new = new.astype(cache.dtype)
-    if B == 1:
-        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, starts[0], 0, 0))
     rows = jnp.arange(B)[:, None]
     slots = jnp.clip(starts[:, None] + jnp.arange(T)[None, :], 0, cache.shape[2] - 1)
-    return cache.at[layer, rows, slots].set(new, mode="promise_in_bounds")
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype), mode="promise_in_bounds")
 
 
 def attention_mask(lengths: jax.Array, T: int, S: int, chunk_mask: jax.Array | None) -> jax.Array:
