@@ -100,10 +100,10 @@ def run(args) -> int:
     SamplingConfig(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    medusa = None if args.medusa in ("none", "") else args.medusa
-    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype, scan_layers=args.scan_layers)
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    medusa = None if args.medusa in ("none", "") else args.medusa
+    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype, scan_layers=args.scan_layers)
     if args.compare and not lm.has_heads:
         raise ValueError("--compare needs Medusa heads (--medusa PATH)")
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
