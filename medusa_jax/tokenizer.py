@@ -60,15 +60,99 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> str:
     return path
 
 
+# GGUF metadata key -> transformers tokenizer argument. transformers' own GGUF tokenizer path
+# (AutoTokenizer(gguf_file=...)) reads the file through a module that imports torch; we read the
+# metadata with gguf-py instead and hand it to transformers' converter, which needs only
+# `tokenizers`, so the main install decodes a GGUF model without torch.
+_GGUF_TOKENIZER_KEYS = {
+    "ggml.model": "tokenizer_type",
+    "ggml.pre": "pre_tokenizer_type",
+    "ggml.tokens": "tokens",
+    "ggml.scores": "scores",
+    "ggml.token_type": "token_type",
+    "ggml.merges": "merges",
+    "ggml.precompiled_charsmap": "precompiled_charsmap",
+    "ggml.bos_token_id": "bos_token_id",
+    "ggml.eos_token_id": "eos_token_id",
+    "ggml.unknown_token_id": "unk_token_id",
+    "ggml.padding_token_id": "pad_token_id",
+    "ggml.add_space_prefix": "add_prefix_space",
+}
+_GGUF_TOKENIZER_CONFIG_KEYS = {
+    "chat_template": "chat_template",
+    "ggml.add_bos_token": "add_bos_token",
+    "ggml.add_eos_token": "add_eos_token",
+}
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def gguf_tokenizer_inputs(metadata: dict) -> tuple[str, dict, dict]:
+    """``(architecture, tokenizer_dict, tokenizer_kwargs)`` from a GGUF file's metadata, in the
+    form transformers' GGUF converter takes (the same grouping its own reader produces)."""
+    if "tokenizer.ggml.tokens" not in metadata:
+        raise ValueError("the GGUF file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
+    tok = {name: metadata[f"tokenizer.{key}"] for key, name in _GGUF_TOKENIZER_KEYS.items()
+           if f"tokenizer.{key}" in metadata}
+    kwargs = {name: metadata[f"tokenizer.{key}"] for key, name in _GGUF_TOKENIZER_CONFIG_KEYS.items()
+              if f"tokenizer.{key}" in metadata}
+    if tok.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary whose file does not say otherwise.
+        kwargs.setdefault("add_bos_token", True)
+    elif tok.get("tokenizer_type") == "gemma4":
+        kwargs["add_bos_token"] = False  # its chat template writes <bos> itself
+    for name, key in _GGUF_SPECIAL_TOKENS.items():
+        tid = metadata.get(f"tokenizer.ggml.{key}")
+        kwargs[name] = tok["tokens"][tid] if tid is not None else None
+    return metadata.get("general.architecture", ""), tok, kwargs
+
+
+def _gguf_converter():
+    try:  # transformers >= 5
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:  # transformers 4.x keeps it next to its GGUF mappings
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+    return convert_gguf_tokenizer
+
+
+def gguf_tokenizer(path: str, metadata: dict | None = None) -> Any:
+    """A transformers fast tokenizer (with the chat template) built from a GGUF file, without
+    torch. Its tokens equal ``AutoTokenizer.from_pretrained(dir, gguf_file=name)``'s."""
+    from transformers import PreTrainedTokenizerFast
+
+    if metadata is None:
+        from medusa_jax.weights.gguf import read_gguf_metadata
+
+        metadata = read_gguf_metadata(path)
+    try:
+        architecture, tok_dict, kwargs = gguf_tokenizer_inputs(metadata)
+        backend, extra = _gguf_converter()(architecture, tok_dict)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
+    kwargs.update(extra)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=path, **kwargs)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer_cached(path: str) -> Any:
+    if not os.path.isdir(path):
+        return gguf_tokenizer(path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ValueError(
+            f"checkpoint {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); "
+            "pass --tokenizer (tokenizer=...) pointing at the model it was trained from, "
+            "or copy its tokenizer files into the directory"
+        )
     from transformers import AutoTokenizer
 
-    if os.path.isdir(path):
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), local_files_only=True
-    )
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_tokenizer(model_path: str | os.PathLike | None = None) -> Any:
