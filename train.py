@@ -19,6 +19,8 @@ import os
 import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# without torch (the main install) transformers advises installing it on import; we do not need it
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from medusa_jax.platform import skip_absent_tpu  # noqa: E402  (before jax is imported)
 
