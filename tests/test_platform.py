@@ -38,3 +38,20 @@ def test_without_libtpu_nothing_changes(monkeypatch):
                         lambda name, *a: None if name == "libtpu" else real(name, *a))
     monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     assert plat.skip_absent_tpu() is None
+
+
+def test_importing_the_package_in_a_plain_process_does_not_probe_for_tpus():
+    """A notebook imports medusa_jax before jax and sets no JAX_PLATFORMS: with libtpu installed
+    (as here) and no chips, nothing may be printed and the CPU backend comes up."""
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("libtpu") is None or plat.tpu_present():
+        pytest.skip("needs libtpu installed and no TPU attached (the test extra on a CPU machine)")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "-c", "import medusa_jax.api, jax; print(jax.default_backend())"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cpu"
+    assert "TPU" not in r.stderr, r.stderr
