@@ -26,11 +26,29 @@ __all__ = [
     "SafetensorsFile",
     "load_base_model",
     "load_gguf",
+    "load_model_config",
     "load_hf_checkpoint",
     "read_gguf_metadata",
     "save_hf_checkpoint",
     "write_safetensors",
 ]
+
+
+def load_model_config(path: str | os.PathLike | None = None, **overrides) -> ModelConfig:
+    """The model's config alone (no weights read): for checks made before the load."""
+    if path is None:
+        from medusa_jax.tokenizer import default_model_path
+
+        path = default_model_path()
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(path):
+        return HFCheckpoint(path).model_config(**overrides)
+    if os.path.isfile(path):
+        return GGUFCheckpoint(path).model_config(**overrides)
+    raise CheckpointError(
+        f"model path {path} does not exist (expected a Hugging Face checkpoint directory or a "
+        ".gguf file)"
+    )
 
 
 def load_base_model(path: str | os.PathLike | None = None, dtype: str = "float32",

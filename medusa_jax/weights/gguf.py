@@ -10,6 +10,7 @@ rotary, which we undo) and then reuses the HF loader's mapping into our tree.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import warnings
@@ -80,6 +81,20 @@ def _field_value(field):
     return one(field.parts[field.data[0]], field.types[0])
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, mtime_ns: int, size: int):
+    """One parse per file version: gguf-py takes ~2.5 s over the default model's header (its
+    49k-token vocabulary), and the config, the tokenizer and the weights all read it."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 class GGUFCheckpoint:
     """A GGUF file opened for reading: plain-Python ``metadata`` and lazily dequantized tensors.
 
@@ -88,8 +103,6 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         if not os.path.exists(self.path):
             raise CheckpointError(f"GGUF file {self.path} does not exist")
@@ -102,7 +115,7 @@ class GGUFCheckpoint:
                 f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
             )
         try:
-            reader = gguf.GGUFReader(self.path)
+            reader = _reader(self.path, *_identity(self.path))
         except Exception as e:  # the reader fails in many ways on a cut file (numpy, struct)
             raise CheckpointError(
                 f"truncated or corrupt GGUF file {self.path}: {type(e).__name__}: {e}"
@@ -136,7 +149,8 @@ class GGUFCheckpoint:
         if t is None:
             raise CheckpointError(f"missing tensor {name!r} in GGUF file {self.path}")
         try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            with np.errstate(all="ignore"):  # corrupt scales overflow: load_base names the tensor
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise CheckpointError(
                 f"tensor {name!r} in {self.path} uses quantization {t.tensor_type.name}, which "

@@ -303,7 +303,21 @@ def _checked(src: TensorSource, spec: ParamSpec, name: str) -> np.ndarray:
             f"shape mismatch for {src.describe(name)}: expected {spec.hf_shape} (from the "
             f"config), found {tuple(w.shape)}"
         )
+    check_finite(w, src.describe(name))
     return w
+
+
+def check_finite(w, what: str) -> None:
+    """CheckpointError naming ``what`` when ``w`` holds NaN or inf (a corrupt file: flipped
+    bytes decode to garbage that would otherwise be generated from, silently)."""
+    w = np.asarray(w)
+    if w.dtype.kind in "biu":  # integer tensors (e.g. quantisation indices) cannot be NaN
+        return
+    with np.errstate(all="ignore"):
+        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:
+        raise CheckpointError(f"{what} holds {bad} NaN/inf values: the checkpoint is corrupt "
+                              "(re-download or re-export it)")
 
 
 def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: np.dtype) -> dict:

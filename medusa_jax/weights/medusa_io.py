@@ -33,7 +33,7 @@ import numpy as np
 
 from medusa_jax.config import DTYPES, ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import HFCheckpoint, SafetensorsFile, write_safetensors
+from medusa_jax.weights.hf import HFCheckpoint, SafetensorsFile, check_finite, write_safetensors
 
 __all__ = [
     "CheckpointError",
@@ -490,6 +490,8 @@ def load_heads(path: str | os.PathLike, base_cfg: ModelConfig | None = None,
         mcfg, params = _load_v1(path, base_vocab, dtype)
     else:
         mcfg, params = _load_hf(path, base_vocab, dtype)
+    for name, w in params.items():
+        check_finite(w, f"Medusa head tensor {name!r} loaded from {path}")
     if base_cfg is not None:
         mcfg.check_compatible(base_cfg)
     return mcfg, params
