@@ -24,6 +24,28 @@ from medusa_jax.platform import skip_absent_tpu  # noqa: E402  (before jax is im
 skip_absent_tpu()
 
 
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return x
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("prompts")
@@ -36,51 +58,78 @@ def parse_args(argv=None):
     m.add_argument("--medusa", default="default",
                    help="Medusa heads dir (our format, original v1/v2 layout, or a Medusa-2 HF dir); "
                         "'none' for plain decoding; 'default' = heads shipped for the default model")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="parameters and activations; bfloat16 halves the memory but is several "
+                   "times slower on a CPU (XLA:CPU has no fast bf16 matrix products)")
+    m.add_argument("--tokenizer", default=None,
+                   help="HF checkpoint dir or .gguf file to take the tokenizer from (default: "
+                   "the model's own; for a checkpoint saved without tokenizer files)")
     m.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="layer layout: scanned (compiles in about a second) or, with "
                    "--no-scan-layers, unrolled (about 7 s to compile per loop on the default "
                    "model, then faster steps on a CPU: worth it for long or many generations)")
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-new-tokens", type=_positive, default=256)
+    g.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_finite, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-size", type=_positive, default=1)
     g.add_argument("--tree", default="default", help="tree name (e.g. mc_sim_7b_63), JSON file, or 'default'")
-    g.add_argument("--acceptance", default="greedy", choices=["greedy", "typical"])
-    g.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance epsilon")
-    g.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance delta")
+    g.add_argument("--acceptance", default=None, choices=["greedy", "typical"],
+                   help="greedy (output identical to plain greedy decoding; the default at "
+                   "temperature 0) or typical (the default above it)")
+    g.add_argument("--posterior-threshold", type=_finite, default=0.09, help="typical acceptance epsilon")
+    g.add_argument("--posterior-alpha", type=_finite, default=0.3, help="typical acceptance delta")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="one JSON object per prompt")
     o.add_argument("--compare", action="store_true",
                    help="run vanilla and Medusa on the same prompts; check greedy outputs agree")
-    o.add_argument("--repeats", type=int, default=1,
+    o.add_argument("--repeats", type=_positive, default=1,
                    help="--compare: timed rounds over the prompts (the order alternates), so "
                    "one noisy run does not decide the ratio")
     o.add_argument("--no-stream", action="store_true", help="do not stream text to the terminal")
     return p.parse_args(argv)
 
 
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise ValueError(f"--prompts-file {path} is a directory, not a JSONL file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}): convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8") from None
+    except OSError as e:
+        raise ValueError(f"cannot read --prompts-file {path}: {e.strerror}") from None
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
-        with open(args.prompts_file) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
-                if isinstance(rec, dict):
-                    rec = rec.get("prompt") or rec.get("text") or (rec.get("turns") or [None])[0]
-                if not isinstance(rec, str):
-                    raise ValueError(f"{args.prompts_file}:{n}: no prompt string found")
-                prompts.append(rec)
+        for n, line in enumerate(_read_text(args.prompts_file).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(rec, dict):
+                rec = rec.get("prompt") or rec.get("text") or (rec.get("turns") or [None])[0]
+            if not isinstance(rec, str):
+                raise ValueError(f"{args.prompts_file}:{n}: no prompt string found")
+            prompts.append(rec)
     if not prompts and not sys.stdin.isatty():
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        try:
+            data = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"standard input is not UTF-8 text (byte {e.start}): pipe text "
+                             "prompts, one per line") from None
+        if "\x00" in data:
+            raise ValueError("standard input holds binary data (NUL bytes): pipe text prompts, "
+                             "one per line")
+        prompts = [line for line in data.splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompt given: use --prompt, --prompts-file or standard input")
     for i, text in enumerate(prompts):
@@ -94,70 +143,114 @@ def _batches(items, n):
         yield items[i: i + n]
 
 
-def run(args) -> int:
-    from medusa_jax.api import MedusaLM
+def _line(o) -> str:
+    return (f"[{o.num_new_tokens} tokens, {o.tokens_per_second:.1f} tok/s"
+            + (f", {o.mean_accepted:.2f} accepted/step" if o.mean_accepted else "")
+            + (f", prefill {o.prefill_seconds:.2f}s" if o.prefill_seconds >= 0.5 else "")
+            + (", interrupted" if o.interrupted else "") + "]")
+
+
+def check_inputs(args):
+    """Everything that can be checked before the weights load (~10 s): prompts, flags, the
+    tree, the heads' path, and the prompts' lengths against the model's context (its config
+    and tokenizer are cheap to read). Returns ``(prompts, their token ids, heads path or None,
+    acceptance)``."""
+    from medusa_jax.api import default_heads_path, is_default_model, resolve_acceptance
+    from medusa_jax.decoding.common import check_lengths
+    from medusa_jax.decoding.medusa import check_tree
     from medusa_jax.decoding.sampling import SamplingConfig
+    from medusa_jax.tokenizer import encode_prompt, load_tokenizer
+    from medusa_jax.weights import load_model_config
 
     prompts = read_prompts(args)
-    SamplingConfig(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    medusa = None if args.medusa in ("none", "") else args.medusa
-    lm = MedusaLM.load(args.model, medusa=medusa, dtype=args.dtype, scan_layers=args.scan_layers)
-    if args.compare and not lm.has_heads:
+    SamplingConfig(args.temperature, args.top_p, args.top_k)
+    heads = None if args.medusa in ("none", "") else args.medusa
+    if heads == "default":  # the shipped heads go with the default model, named or not
+        heads = default_heads_path() if is_default_model(args.model) else None
+        if heads is None and (args.compare or args.tree != "default"):
+            raise ValueError("no Medusa heads for this model: give them with --medusa PATH")
+    if args.compare and heads is None:
         raise ValueError("--compare needs Medusa heads (--medusa PATH)")
+    if args.tree != "default":
+        if heads is None:
+            raise ValueError("--tree needs Medusa heads: drop it, or give heads with --medusa")
+        check_tree(args.tree)
+    acceptance = resolve_acceptance(args.acceptance, args.temperature) if heads else None
+    if heads and args.temperature > 0 and args.acceptance is None:
+        print("note: temperature > 0, so Medusa uses typical acceptance (the paper's rule: "
+              "fast, close to but not exactly the model's sampling distribution; --medusa none "
+              "samples exactly)", file=sys.stderr)
+    cfg = load_model_config(args.model)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    ids = []
+    for i, text in enumerate(prompts):
+        ids.append(encode_prompt(tok, text, chat=not args.raw))
+        try:
+            check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+    return prompts, ids, heads, acceptance
+
+
+def run(args) -> int:
+    from medusa_jax.api import MedusaLM
+
+    prompts, ids, heads, acceptance = check_inputs(args)
+    lm = MedusaLM.load(args.model, medusa=heads, dtype=args.dtype, scan_layers=args.scan_layers,
+                       tokenizer=args.tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              top_k=args.top_k, seed=args.seed, tree=args.tree, acceptance=args.acceptance,
-              posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha,
-              chat=not args.raw)
+              top_k=args.top_k, seed=args.seed, tree=args.tree, acceptance=acceptance,
+              posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
     stream_ok = sys.stdout.isatty() and not args.json and not args.no_stream and not args.compare
     if args.compare:
-        return compare(lm, prompts, args, kw)
-    for batch in _batches(prompts, args.batch_size):
+        return compare(lm, prompts, ids, args, kw)
+    for texts, batch in zip(_batches(prompts, args.batch_size), _batches(ids, args.batch_size)):
         stream = None
         if stream_ok and len(batch) == 1:
             def stream(_row, text):
                 sys.stdout.write(text)
                 sys.stdout.flush()
         outs = lm.generate(batch, stream=stream, **kw)
-        for prompt, o in zip(batch, outs):
+        for prompt, o in zip(texts, outs):
             if args.json:
                 print(json.dumps({"prompt": prompt, **o.to_dict()}), flush=True)
             elif stream is not None:
-                print(f"\n[{o.num_new_tokens} tokens, {o.tokens_per_second:.1f} tok/s"
-                      + (f", {o.mean_accepted:.2f} accepted/step" if o.mean_accepted else "") + "]")
+                print("\n" + _line(o))
             else:
                 print(o.text, flush=True)
-                print(f"[{o.num_new_tokens} tokens, {o.tokens_per_second:.1f} tok/s"
-                      + (f", {o.mean_accepted:.2f} accepted/step" if o.mean_accepted else "") + "]",
-                      file=sys.stderr)
+                print(_line(o), file=sys.stderr)
+        if any(o.interrupted for o in outs):
+            print("interrupted: the text so far is above", file=sys.stderr)
+            return 130
     return 0
 
 
-def compare(lm, prompts, args, kw) -> int:
+def compare(lm, prompts, ids, args, kw) -> int:
     """Vanilla and Medusa on the same prompts, interleaved batch by batch after a warm-up
     (compile excluded); prints both speeds and the ratio."""
     totals = {"vanilla": [0, 0.0], "medusa": [0, 0.0]}
     mismatches, accepted, steps = 0, 0, 0
     greedy = args.temperature == 0
     t0 = time.perf_counter()
-    for batch in _batches(prompts, args.batch_size):
+    for batch in _batches(ids, args.batch_size):
         for use in (False, True):  # compile this shape once for each loop
             lm.generate(batch, medusa=use, **kw)
         break
     compile_s = time.perf_counter() - t0
+    interrupted = False
     for rnd in range(args.repeats):
-        for batch in _batches(prompts, args.batch_size):
+        for texts, batch in zip(_batches(prompts, args.batch_size), _batches(ids, args.batch_size)):
+            if interrupted:
+                break
             res = {}
             for use in ((False, True) if rnd % 2 == 0 else (True, False)):
                 res[use] = lm.generate(batch, medusa=use, **kw)
             van, med = res[False], res[True]
             for name, outs in (("vanilla", van), ("medusa", med)):
                 totals[name][0] += sum(o.num_new_tokens for o in outs)
-                totals[name][1] += outs[0].seconds
-            for prompt, v, m in zip(batch, van, med):
+                totals[name][1] += outs[0].seconds - outs[0].prefill_seconds  # decode time
+            interrupted = any(o.interrupted for o in (*van, *med))
+            for prompt, v, m in zip(texts, van, med):
                 same = v.token_ids == m.token_ids
                 mismatches += int(greedy and not same)
                 accepted += m.num_new_tokens
@@ -176,7 +269,7 @@ def compare(lm, prompts, args, kw) -> int:
         "vanilla_tokens_per_second": round(tps["vanilla"], 2),
         "medusa_tokens_per_second": round(tps["medusa"], 2), "speedup": round(ratio, 3),
         "mean_accepted": round(accepted / max(steps, 1), 3), "compile_seconds": round(compile_s, 1),
-        "greedy_mismatches": mismatches if greedy else None,
+        "greedy_mismatches": mismatches if greedy else None, "interrupted": interrupted,
     }
     if args.json:
         print(json.dumps({"summary": summary}))
@@ -186,6 +279,9 @@ def compare(lm, prompts, args, kw) -> int:
               f"(compile {compile_s:.0f}s, {len(prompts)} prompts x {args.repeats} rounds)")
         if greedy:
             print("greedy outputs identical: " + ("yes" if mismatches == 0 else f"NO ({mismatches} differ)"))
+    if interrupted:
+        print("interrupted: the figures above cover the rounds run so far", file=sys.stderr)
+        return 130
     return 1 if mismatches else 0
 
 
@@ -201,6 +297,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `decode.py --json | head -n 1`): stop quietly; point stdout
+        # at /dev/null so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

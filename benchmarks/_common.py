@@ -173,10 +173,10 @@ class JaxTimer:
 
         jax.block_until_ready(state)
         self._marks.append((time.perf_counter(), self._compile[0]))
-        state = self._orig(step_fn, state, limit, chunk, on_chunk)
+        state, interrupted = self._orig(step_fn, state, limit, chunk, on_chunk)
         jax.block_until_ready(state)
         self._marks.append((time.perf_counter(), self._compile[0]))
-        return state
+        return state, interrupted
 
     @contextlib.contextmanager
     def _patched(self):

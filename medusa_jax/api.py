@@ -8,14 +8,19 @@
 from __future__ import annotations
 
 import dataclasses
-import time
+import os
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationError, GenerationSettings
+from medusa_jax.decoding.common import (
+    COMPILE_SECONDS,
+    HOST_CHUNK_STEPS,
+    GenerationError,
+    GenerationSettings,
+)
 from medusa_jax.decoding.medusa import make_settings, medusa_generate
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
@@ -33,6 +38,8 @@ class Generation:
     tokens_per_second: float
     prompt_tokens: int
     compile_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    interrupted: bool = False
     steps: int | None = None
     mean_accepted: float | None = None
     accept_hist: list[int] | None = None
@@ -64,19 +71,21 @@ class MedusaLM:
 
     @classmethod
     def load(cls, model: str | None = None, medusa: str | None = "default", dtype: str = "float32",
-             scan_layers: bool = True) -> MedusaLM:
+             scan_layers: bool = True, tokenizer: str | None = None) -> MedusaLM:
         """``model``: HF checkpoint dir or .gguf file (None = the default model). ``medusa``: a head
         checkpoint (any supported layout), ``"default"`` (the heads shipped for the default
-        model, if any) or None."""
+        model, if any) or None. ``tokenizer``: where to take the tokenizer from when not from
+        ``model`` (a checkpoint saved without tokenizer files)."""
         from medusa_jax.tokenizer import load_tokenizer
         from medusa_jax.weights import load_base_model
 
         cfg, base = load_base_model(model, dtype=dtype, scan_layers=scan_layers)
         cfg = cfg.replace(dtype=dtype)  # compute in the dtype the weights were loaded in
-        tok = load_tokenizer(model)
+        tok = load_tokenizer(tokenizer or model)
         lm = cls(cfg, base, tok)
         if medusa == "default":
-            medusa = default_heads_path() if model is None else None
+            # the shipped heads go with the default model, named or not
+            medusa = default_heads_path() if is_default_model(model) else None
         if medusa not in (None, "none"):
             from medusa_jax.weights.medusa_io import load_heads
 
@@ -101,9 +110,19 @@ class MedusaLM:
     def has_heads(self) -> bool:
         return self.mcfg is not None
 
-    def encode(self, prompts: Sequence[str | Sequence[int]], chat: bool = True) -> list[list[int]]:
+    def encode(self, prompts: str | Sequence[str | Sequence[int]], chat: bool = True
+               ) -> list[list[int]]:
+        """Token ids of each prompt: a text (through the chat template unless ``chat=False``)
+        or a list of token ids in ``[0, vocab_size)``. A single string is one prompt."""
         from medusa_jax.tokenizer import encode_prompt
 
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if isinstance(prompts, bytes | bytearray) or not isinstance(prompts, Sequence):
+            raise GenerationError(
+                f"prompts must be a list of strings or of token-id lists, got "
+                f"{type(prompts).__name__}")
+        V = self.cfg.vocab_size
         out = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
@@ -113,50 +132,69 @@ class MedusaLM:
                     out.append(encode_prompt(self.tokenizer, p, chat=chat))
                 except ValueError as e:
                     raise GenerationError(f"prompt {i}: {e}") from None
-            else:
-                out.append([int(t) for t in p])
+                continue
+            if isinstance(p, bytes | bytearray) or not isinstance(p, Sequence | np.ndarray):
+                raise GenerationError(
+                    f"prompt {i} is {type(p).__name__}: give a string or a list of token ids"
+                    + (" (decode bytes to str first)" if isinstance(p, bytes | bytearray) else ""))
+            ids = list(p)
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int | np.integer)]
+            if bad:
+                raise GenerationError(f"prompt {i}: token ids must be integers, got {bad[0]!r}")
+            bad = [int(t) for t in ids if not 0 <= t < V]
+            if bad:
+                raise GenerationError(
+                    f"prompt {i}: token id {bad[0]} is outside the vocabulary [0, {V})")
+            out.append([int(t) for t in ids])
         return out
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int = 128,
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 medusa: bool | None = None, tree="default", acceptance: str = "greedy",
+                 medusa: bool | None = None, tree="default", acceptance: str | None = None,
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                  chat: bool = True, stream: Callable[[int, str], None] | None = None,
                  stream_every: int = 8) -> list[Generation]:
-        """Generate for a batch of prompts (text, or token-id lists). ``medusa=None`` uses the
-        heads when attached. ``stream(row, new_text)`` is called as text is produced."""
+        """Generate for a batch of prompts (texts, or token-id lists; a single string is one
+        prompt). ``medusa=None`` uses the heads when attached. ``acceptance=None`` is greedy at
+        ``temperature=0`` and typical acceptance above it (greedy acceptance would ignore the
+        temperature); an explicit ``"greedy"`` with ``temperature > 0`` is refused.
+        ``stream(row, new_text)`` is called as text is produced. A Ctrl-C (or a notebook's
+        interrupt) stops within a few steps and returns what was generated, marked
+        ``interrupted``. ``seconds`` is prefill + decode, ``tokens_per_second`` the decode rate."""
         ids = self.encode(prompts, chat=chat)
         sampling = SamplingConfig(temperature, top_p, top_k)
         gen = GenerationSettings(max_new_tokens, sampling, self.eos_token_ids, self.pad_token_id)
         use_medusa = self.has_heads if medusa is None else medusa
         if use_medusa and not self.has_heads:
             raise GenerationError("medusa=True but no Medusa heads are attached")
+        acceptance = resolve_acceptance(acceptance, temperature)
         on_chunk, streamed = None, [0] * len(ids)
         if stream is not None:
             on_chunk = self._streamer(stream, streamed)
+        chunk = stream_every if stream is not None else HOST_CHUNK_STEPS
         c0 = COMPILE_SECONDS[0]
-        t0 = time.perf_counter()
         if use_medusa:
             st = make_settings(self.default_tree() if tree == "default" else tree,
-                               self.mcfg.num_heads, gen, acceptance=acceptance,
-                               posterior_threshold=posterior_threshold,
+                               self.mcfg.num_heads, gen, proposal_size=self.proposal_size,
+                               acceptance=acceptance, posterior_threshold=posterior_threshold,
                                posterior_alpha=posterior_alpha)
             res = medusa_generate(self.cfg, self.mcfg, self.params, ids, st, seed=seed,
-                                  stream_every=stream_every if stream else None, on_chunk=on_chunk)
+                                  stream_every=chunk, on_chunk=on_chunk)
         else:
             res = vanilla_generate(self.cfg, self.params["base"], ids, gen, seed=seed,
-                                   stream_every=stream_every if stream else None,
-                                   on_chunk=on_chunk)
+                                   stream_every=chunk, on_chunk=on_chunk)
         compile_s = COMPILE_SECONDS[0] - c0
-        dt = time.perf_counter() - t0 - compile_s
+        pre, dec = res["prefill_seconds"], res["decode_seconds"]
         if stream is not None:  # flush what the last chunk did not show
             on_chunk(None, None, final=res["tokens"])
+        n_total = sum(len(t) for t in res["tokens"])
         outs = []
         for b, toks in enumerate(res["tokens"]):
             g = Generation(
-                text=self.decode(toks), token_ids=toks, num_new_tokens=len(toks), seconds=dt,
-                tokens_per_second=sum(len(t) for t in res["tokens"]) / dt if dt > 0 else 0.0,
+                text=self.decode(toks), token_ids=toks, num_new_tokens=len(toks),
+                seconds=pre + dec, tokens_per_second=n_total / dec if dec > 0 else 0.0,
                 prompt_tokens=len(ids[b]), compile_seconds=round(compile_s, 3),
+                prefill_seconds=pre, interrupted=bool(res["interrupted"]),
             )
             if use_medusa:
                 g.steps = int(res["steps"][b])
@@ -164,6 +202,13 @@ class MedusaLM:
                 g.accept_hist = np.asarray(res["accept_hist"][b]).tolist()
             outs.append(g)
         return outs
+
+    @property
+    def proposal_size(self) -> int | None:
+        """How many tokens each head ranks (the draft vocabulary's size), None without heads."""
+        if self.mcfg is None:
+            return None
+        return len(self.mcfg.draft_ids) if self.mcfg.draft_ids else self.mcfg.vocab_size
 
     def default_tree(self):
         """The tree the heads were shipped with for this backend, else a generic default
@@ -187,10 +232,34 @@ class MedusaLM:
         return on_chunk
 
 
+def resolve_acceptance(acceptance: str | None, temperature: float) -> str:
+    """The acceptance rule to use: ``None`` picks greedy at temperature 0 and typical above it;
+    greedy with a temperature is refused (it would silently decode greedily)."""
+    if acceptance is None:
+        return "greedy" if temperature == 0 else "typical"
+    if acceptance == "greedy" and temperature > 0:
+        raise GenerationError(
+            f"greedy acceptance takes the argmax and would ignore temperature={temperature}: use "
+            "acceptance='typical' (--acceptance typical) or temperature 0")
+    return acceptance
+
+
+def is_default_model(model: str | None) -> bool:
+    """Whether ``model`` (None = default) is the default model's file (the shipped heads fit)."""
+    if model is None:
+        return True
+    from medusa_jax.tokenizer import default_model_path
+
+    try:
+        default = default_model_path()
+    except FileNotFoundError:
+        return False
+    path = os.path.expanduser(os.fspath(model))
+    return os.path.exists(path) and os.path.samefile(path, default)
+
+
 def default_heads_path() -> str | None:
     """The Medusa heads shipped inside the package for the default model, if present."""
-    import os
-
     p = os.path.join(os.path.dirname(__file__), "assets", "heads", "smollm2-135m-instruct")
     return p if os.path.isdir(p) else None
 

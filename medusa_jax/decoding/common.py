@@ -97,22 +97,77 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
+# Steps the loops run on device between returns to the host when nothing is streamed: the host
+# then checks for Ctrl-C, so an interrupted run stops within a chunk and keeps what it generated.
+# A return costs one small device-to-host copy (benchmarks/bench_streaming.py: no measurable
+# cost at 8 steps).
+HOST_CHUNK_STEPS = 32
+
+
+class _InterruptLatch:
+    """While active (main thread only), the first SIGINT only sets ``hit``; a second one raises
+    KeyboardInterrupt at once, as usual."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
 def drive(step_fn: Callable, state, limit: int, chunk: int | None,
           on_chunk: Callable | None = None):
     """Advance a decode ``state`` with ``step_fn(state, stop_step)`` until ``state.finished``.
 
-    ``chunk=None`` runs the whole loop on device in one call; otherwise the loop returns to the
-    host every ``chunk`` steps so ``on_chunk(state)`` can stream text (same compiled function)."""
+    Returns ``(state, interrupted)``. ``chunk=None`` runs the whole loop on device in one call;
+    otherwise the loop returns to the host every ``chunk`` steps (same compiled function), where
+    ``on_chunk(state)`` can stream text and a Ctrl-C (SIGINT) ends the loop with the state so
+    far and ``interrupted=True``."""
     if chunk is None:
-        return step_fn(state, jnp.int32(limit))
+        return step_fn(state, jnp.int32(limit)), False
     stop = 0
-    while True:
-        stop = min(stop + chunk, limit)
-        state = step_fn(state, jnp.int32(stop))
-        if on_chunk is not None:
-            on_chunk(state)
-        if stop >= limit or bool(state.finished()):
-            return state
+    with _InterruptLatch() as latch:
+        while True:
+            stop = min(stop + chunk, limit)
+            state = step_fn(state, jnp.int32(stop))
+            if on_chunk is not None:
+                on_chunk(state)
+            if stop >= limit or bool(state.finished()):
+                return state, False
+            if latch.hit:
+                return state, True
+
+
+class Timer:
+    """Wall time of the host and device work between ``mark()`` calls, less the compile time
+    ``compiled_call`` spent in between (the caller blocks on results before marking)."""
+
+    def __init__(self):
+        self._t, self._c = time.perf_counter(), COMPILE_SECONDS[0]
+
+    def mark(self) -> float:
+        t, c = time.perf_counter(), COMPILE_SECONDS[0]
+        dt = (t - self._t) - (c - self._c)
+        self._t, self._c = t, c
+        return max(dt, 0.0)
 
 
 def trim_outputs(out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:

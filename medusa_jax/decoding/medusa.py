@@ -23,6 +23,7 @@ from medusa_jax.decoding.acceptance import greedy_accept, typical_accept
 from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
+    Timer,
     check_lengths,
     compiled_call,
     drive,
@@ -35,7 +36,7 @@ from medusa_jax.decoding.sampling import sample
 from medusa_jax.model.cache import KVCache
 from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
-from medusa_jax.tree import TreeBuffers, build_tree, get_tree
+from medusa_jax.tree import TreeBuffers, TreeError, build_tree, get_tree
 
 ACCEPTANCE_RULES = ("greedy", "typical")
 
@@ -70,11 +71,28 @@ def _tree(choices) -> TreeBuffers:
     return build_tree([list(c) for c in choices])
 
 
-def make_settings(tree, num_heads: int, gen: GenerationSettings, **kw) -> MedusaSettings:
-    """Validate a tree (name, JSON file or list of paths) against the heads and build settings."""
-    choices = get_tree(tree)
-    build_tree(choices, num_heads=num_heads)  # raises TreeError with a clear message
+def make_settings(tree, num_heads: int, gen: GenerationSettings, proposal_size: int | None = None,
+                  **kw) -> MedusaSettings:
+    """Validate a tree (name, JSON file or list of paths) against the heads and build settings.
+    ``proposal_size``: how many tokens a head ranks (its draft vocabulary, else the vocabulary)."""
+    choices = check_tree(tree, num_heads, proposal_size)
     return MedusaSettings(gen=gen, choices=tuple(tuple(c) for c in choices), **kw)
+
+
+def check_tree(tree, num_heads: int | None = None, proposal_size: int | None = None
+               ) -> list[list[int]]:
+    """The tree's paths, validated (TreeError with a clear message): at least one node, no
+    deeper than ``num_heads``, no rank a head cannot propose."""
+    choices = get_tree(tree)
+    if not choices:
+        raise TreeError("the tree has no nodes, so Medusa cannot speculate with it: give at least "
+                        "one path (e.g. [[0]]), or decode without heads (--medusa none)")
+    build_tree(choices, num_heads=num_heads)
+    worst = max(r for path in choices for r in path)
+    if proposal_size is not None and worst >= proposal_size:
+        raise TreeError(f"the tree uses rank {worst}, but the heads rank only {proposal_size} "
+                        f"tokens (their draft vocabulary): use ranks below {proposal_size}")
+    return choices
 
 
 @struct.dataclass
@@ -214,7 +232,9 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     (tokens per step per row), ``accept_hist`` (``[B, depth+2]``: steps that accepted ``i``
     tokens) and ``head_accept`` (``[B, depth]``: steps where head ``k``'s guess was accepted).
     ``stream_every=n`` returns to the host every ``n`` steps and calls
-    ``on_chunk(out, n_out)``."""
+    ``on_chunk(out, n_out)``; there a Ctrl-C stops the loop and the result says ``interrupted``.
+    ``prefill_seconds`` / ``decode_seconds``: wall time of each part, compile time excluded."""
+    timer = Timer()
     tree = settings.tree
     mcfg.check_compatible(cfg)
     if tree.depth > mcfg.num_heads:
@@ -229,6 +249,8 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     state = compiled_call(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
                           cache_len=cache_len)
+    jax.block_until_ready(state)
+    prefill_s = timer.mark()
     propose = propose or heads_proposer(mcfg, cfg, tree.topk, tree.depth)
 
     def step(state, stop):
@@ -236,7 +258,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
                              propose=propose)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
-    state = drive(step, state, max_new, stream_every, cb)
+    state, interrupted = drive(step, state, max_new, stream_every, cb)
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)
     hist, row_steps = np.asarray(state.hist), np.asarray(state.row_steps)
     # head k's guess was accepted in every step that accepted more than k + 1 tokens
@@ -247,4 +269,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
         "mean_accepted": ((hist * np.arange(hist.shape[1])).sum(-1) / np.maximum(row_steps, 1)).tolist(),
         "accept_hist": hist,
         "head_accept": head_accept,
+        "interrupted": interrupted,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": timer.mark(),
     }

@@ -13,6 +13,7 @@ from flax import struct
 from medusa_jax.config import ModelConfig
 from medusa_jax.decoding.common import (
     GenerationSettings,
+    Timer,
     check_lengths,
     compiled_call,
     drive,
@@ -93,18 +94,25 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
              stream_every: int | None = None, on_chunk: Callable | None = None) -> dict:
     """Generate for a batch of token-id prompts (any lengths). Returns ``tokens`` (one list per
     prompt, EOS included when hit) and ``steps``. ``stream_every=n`` returns to the host every
-    ``n`` tokens and calls ``on_chunk(out [B, max_new], n_out [B])``."""
+    ``n`` tokens and calls ``on_chunk(out [B, max_new], n_out [B])``; there a Ctrl-C stops the
+    loop and the result says ``interrupted``. ``prefill_seconds`` / ``decode_seconds``: wall time
+    of each part, compile time excluded."""
+    timer = Timer()
     tokens, lens = pad_prompts(prompts, settings.pad_token_id)
     cache_len = check_lengths(cfg, int(lens.max()), settings.max_new_tokens, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1] + settings.max_new_tokens)
     state = compiled_call(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
                           cache_len=cache_len)
+    jax.block_until_ready(state)
+    prefill_s = timer.mark()
 
     def step(state, stop):
         return compiled_call(_vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
-    state = drive(step, state, settings.max_new_tokens, stream_every, cb)
+    state, interrupted = drive(step, state, settings.max_new_tokens, stream_every, cb)
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)
-    return {"tokens": trim_outputs(out, n_out), "steps": int(state.step) + 1}
+    return {"tokens": trim_outputs(out, n_out), "steps": int(state.step) + 1,
+            "interrupted": interrupted, "prefill_seconds": prefill_s,
+            "decode_seconds": timer.mark()}
