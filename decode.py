@@ -153,9 +153,9 @@ def _line(o) -> str:
 def check_inputs(args):
     """Everything that can be checked before the weights load (~10 s): prompts, flags, the
     tree, the heads' path, and the prompts' lengths against the model's context (its config
-    and tokenizer are cheap to read). Returns ``(prompts, their token ids, heads path or None,
-    acceptance)``."""
-    from medusa_jax.api import default_heads_path, is_default_model, resolve_acceptance
+    and tokenizer are cheap to read). Returns ``(prompts, their token ids, (model, heads or
+    None, tokenizer) to load, acceptance)``."""
+    from medusa_jax.api import resolve_acceptance, resolve_sources
     from medusa_jax.decoding.common import check_lengths
     from medusa_jax.decoding.medusa import check_tree
     from medusa_jax.decoding.sampling import SamplingConfig
@@ -164,11 +164,9 @@ def check_inputs(args):
 
     prompts = read_prompts(args)
     SamplingConfig(args.temperature, args.top_p, args.top_k)
-    heads = None if args.medusa in ("none", "") else args.medusa
-    if heads == "default":  # the shipped heads go with the default model, named or not
-        heads = default_heads_path() if is_default_model(args.model) else None
-        if heads is None and (args.compare or args.tree != "default"):
-            raise ValueError("no Medusa heads for this model: give them with --medusa PATH")
+    model, heads, tokenizer = resolve_sources(args.model, args.medusa, args.tokenizer)
+    if heads is None and args.medusa == "default" and (args.compare or args.tree != "default"):
+        raise ValueError("no Medusa heads for this model: give them with --medusa PATH")
     if args.compare and heads is None:
         raise ValueError("--compare needs Medusa heads (--medusa PATH)")
     if args.tree != "default":
@@ -180,8 +178,8 @@ def check_inputs(args):
         print("note: temperature > 0, so Medusa uses typical acceptance (the paper's rule: "
               "fast, close to but not exactly the model's sampling distribution; --medusa none "
               "samples exactly)", file=sys.stderr)
-    cfg = load_model_config(args.model)
-    tok = load_tokenizer(args.tokenizer or args.model)
+    cfg = load_model_config(model)
+    tok = load_tokenizer(tokenizer or model)
     ids = []
     for i, text in enumerate(prompts):
         ids.append(encode_prompt(tok, text, chat=not args.raw))
@@ -189,15 +187,15 @@ def check_inputs(args):
             check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-    return prompts, ids, heads, acceptance
+    return prompts, ids, (model, heads, tokenizer), acceptance
 
 
 def run(args) -> int:
     from medusa_jax.api import MedusaLM
 
-    prompts, ids, heads, acceptance = check_inputs(args)
-    lm = MedusaLM.load(args.model, medusa=heads, dtype=args.dtype, scan_layers=args.scan_layers,
-                       tokenizer=args.tokenizer)
+    prompts, ids, (model, heads, tokenizer), acceptance = check_inputs(args)
+    lm = MedusaLM.load(model, medusa=heads or "none", dtype=args.dtype,
+                       scan_layers=args.scan_layers, tokenizer=tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, tree=args.tree, acceptance=acceptance,
               posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)

@@ -79,14 +79,12 @@ class MedusaLM:
         from medusa_jax.tokenizer import load_tokenizer
         from medusa_jax.weights import load_base_model
 
+        model, medusa, tokenizer = resolve_sources(model, medusa, tokenizer)
         cfg, base = load_base_model(model, dtype=dtype, scan_layers=scan_layers)
         cfg = cfg.replace(dtype=dtype)  # compute in the dtype the weights were loaded in
         tok = load_tokenizer(tokenizer or model)
         lm = cls(cfg, base, tok)
-        if medusa == "default":
-            # the shipped heads go with the default model, named or not
-            medusa = default_heads_path() if is_default_model(model) else None
-        if medusa not in (None, "none"):
+        if medusa is not None:
             from medusa_jax.weights.medusa_io import load_heads
 
             mcfg, mp = load_heads(medusa, base_cfg=cfg)
@@ -242,6 +240,57 @@ def resolve_acceptance(acceptance: str | None, temperature: float) -> str:
             f"greedy acceptance takes the argmax and would ignore temperature={temperature}: use "
             "acceptance='typical' (--acceptance typical) or temperature 0")
     return acceptance
+
+
+def resolve_sources(model: str | None, medusa: str | None = "default",
+                    tokenizer: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """``(model, heads, tokenizer)`` to load. ``medusa="default"`` means the heads that go with
+    ``model``: the shipped ones for the default model (named or not), a training run's own
+    heads when ``model`` is a run directory (``checkpoint.dir`` of ``train.py``: its exported
+    ``base/`` if it trained one, else the base it started from), otherwise none."""
+    if medusa in ("none", ""):
+        medusa = None
+    run = read_run_dir(model) if model is not None else None
+    if run is not None:
+        model = run["model"]
+        tokenizer = tokenizer or run["tokenizer"]
+        if medusa == "default":
+            medusa = run["heads"]
+    if medusa == "default":
+        medusa = default_heads_path() if is_default_model(model) else None
+    return model, medusa, tokenizer
+
+
+def read_run_dir(path: str) -> dict | None:
+    """What a training run directory holds for decoding (``model``, ``heads``, ``tokenizer``),
+    or None when ``path`` is not one (no ``config.yaml`` beside its exports)."""
+    import yaml
+
+    from medusa_jax.tokenizer import has_tokenizer_files
+
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    cfg_file, heads = os.path.join(path, "config.yaml"), os.path.join(path, "heads")
+    if not (os.path.isfile(cfg_file) and os.path.isdir(heads)):
+        return None
+    try:
+        with open(cfg_file) as f:
+            run = yaml.safe_load(f) or {}
+        m = dict(run.get("model") or {})
+    except (OSError, yaml.YAMLError, TypeError, ValueError) as e:
+        raise GenerationError(f"cannot read the run config {cfg_file}: {e}") from None
+    base = os.path.join(path, "base")
+    trained_base = os.path.isfile(os.path.join(base, "config.json"))
+    if not trained_base and m.get("tiny"):
+        raise GenerationError(
+            f"{path} trained heads on a random tiny model that it did not export: nothing to "
+            "decode (rerun it with this version, which exports base/)")
+    model = base if trained_base else m.get("path")
+    tok = m.get("tokenizer")
+    if trained_base and has_tokenizer_files(base):
+        tok = None
+    elif tok is None or tok == "bytes":
+        tok = m.get("path")
+    return {"model": model, "heads": heads, "tokenizer": tok}
 
 
 def is_default_model(model: str | None) -> bool:

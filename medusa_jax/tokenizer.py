@@ -140,11 +140,16 @@ def gguf_tokenizer(path: str, metadata: dict | None = None) -> Any:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def has_tokenizer_files(path: str) -> bool:
+    """Whether the checkpoint directory ``path`` carries a tokenizer."""
+    return any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
 @functools.lru_cache(maxsize=8)
 def _load_tokenizer_cached(path: str) -> Any:
     if not os.path.isdir(path):
         return gguf_tokenizer(path)
-    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+    if not has_tokenizer_files(path):
         raise ValueError(
             f"checkpoint {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); "
             "pass --tokenizer (tokenizer=...) pointing at the model it was trained from, "
@@ -266,3 +271,40 @@ def eos_token_ids(tokenizer: Any, model_eos: tuple[int, ...] = ()) -> tuple[int,
             if int(t) not in out:
                 out.append(int(t))
     return tuple(out)
+
+
+_CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+           "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_tokenizer_hf(specials: tuple[str, ...] = ("<pad>", "<|im_start|>", "<|im_end|>")) -> Any:
+    """The byte-level stand-in tokenizer of the training smoke runs (``model.tokenizer: bytes``:
+    special ``i`` is id ``i``, byte ``b`` is ``b + len(specials)``, ChatML template) as a real
+    transformers tokenizer, so a run that used it exports a checkpoint others can load."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    n = len(specials)
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({ch: b + n for b, ch in bytes_to_unicode().items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=specials[0],
+                                  bos_token=specials[1], eos_token=specials[2],
+                                  chat_template=_CHATML)
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok
+
+
+def save_tokenizer(tokenizer: Any, path: str) -> None:
+    """Write ``tokenizer`` (a transformers tokenizer, or the byte-level stand-in) into the
+    checkpoint directory ``path`` in transformers' format, chat template included."""
+    if not hasattr(tokenizer, "save_pretrained"):
+        specials = getattr(tokenizer, "specials", None)
+        if specials is None:
+            raise TypeError(f"cannot save a {type(tokenizer).__name__} tokenizer")
+        tokenizer = byte_tokenizer_hf(tuple(specials))
+    tokenizer.save_pretrained(path)

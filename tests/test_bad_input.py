@@ -105,7 +105,7 @@ def test_context_is_checked_before_the_weights_load(monkeypatch, capsys):
 
 def test_sampling_with_heads_uses_typical_acceptance_and_says_so(monkeypatch, capsys):
     args = decode.parse_args(["--prompt", "hi", "--temperature", "0.7"])
-    prompts, ids, heads, acceptance = decode.check_inputs(args)
+    prompts, ids, (model, heads, tok), acceptance = decode.check_inputs(args)
     assert heads is not None and acceptance == "typical"
     assert "typical acceptance" in capsys.readouterr().err
     args = decode.parse_args(["--prompt", "hi"])
@@ -117,7 +117,7 @@ def test_the_default_model_named_explicitly_keeps_its_shipped_heads(real_gguf_pa
 
     assert is_default_model(None) and is_default_model(real_gguf_path)
     args = decode.parse_args(["--prompt", "hi", "--model", real_gguf_path])
-    assert decode.check_inputs(args)[2] == default_heads_path() is not None
+    assert decode.check_inputs(args)[2][1] == default_heads_path() is not None
 
 
 # ------------------------------------------------------------------------- the notebook API
