@@ -21,7 +21,7 @@ from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
 )
-from medusa_jax.decoding.medusa import make_settings, medusa_generate
+from medusa_jax.decoding.medusa import check_tree, make_settings, medusa_generate
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
 from medusa_jax.model.llama import convert_layout
@@ -172,8 +172,9 @@ class MedusaLM:
         chunk = stream_every if stream is not None else HOST_CHUNK_STEPS
         c0 = COMPILE_SECONDS[0]
         if use_medusa:
-            st = make_settings(self.default_tree() if tree == "default" else tree,
-                               self.mcfg.num_heads, gen, proposal_size=self.proposal_size,
+            tree = check_tree(self.default_tree() if tree == "default" else tree,
+                              self.mcfg.num_heads, self.proposal_size)
+            st = make_settings(tree, self.mcfg.num_heads, gen, proposal_size=self.proposal_size,
                                acceptance=acceptance, posterior_threshold=posterior_threshold,
                                posterior_alpha=posterior_alpha)
             res = medusa_generate(self.cfg, self.mcfg, self.params, ids, st, seed=seed,

@@ -74,21 +74,23 @@ def _tree(choices) -> TreeBuffers:
 def make_settings(tree, num_heads: int, gen: GenerationSettings, proposal_size: int | None = None,
                   **kw) -> MedusaSettings:
     """Validate a tree (name, JSON file or list of paths) against the heads and build settings.
-    ``proposal_size``: how many tokens a head ranks (its draft vocabulary, else the vocabulary)."""
-    choices = check_tree(tree, num_heads, proposal_size)
+    ``proposal_size``: how many tokens a head ranks (its draft vocabulary, else the vocabulary).
+    The empty tree (root only: one token per step, like vanilla) is allowed here; user-facing
+    entry points refuse it with :func:`check_tree`."""
+    choices = check_tree(tree, num_heads, proposal_size, allow_empty=True)
     return MedusaSettings(gen=gen, choices=tuple(tuple(c) for c in choices), **kw)
 
 
-def check_tree(tree, num_heads: int | None = None, proposal_size: int | None = None
-               ) -> list[list[int]]:
-    """The tree's paths, validated (TreeError with a clear message): at least one node, no
-    deeper than ``num_heads``, no rank a head cannot propose."""
+def check_tree(tree, num_heads: int | None = None, proposal_size: int | None = None,
+               allow_empty: bool = False) -> list[list[int]]:
+    """The tree's paths, validated (TreeError with a clear message): at least one node (unless
+    ``allow_empty``), no deeper than ``num_heads``, no rank a head cannot propose."""
     choices = get_tree(tree)
-    if not choices:
+    if not choices and not allow_empty:
         raise TreeError("the tree has no nodes, so Medusa cannot speculate with it: give at least "
                         "one path (e.g. [[0]]), or decode without heads (--medusa none)")
     build_tree(choices, num_heads=num_heads)
-    worst = max(r for path in choices for r in path)
+    worst = max((r for path in choices for r in path), default=0)
     if proposal_size is not None and worst >= proposal_size:
         raise TreeError(f"the tree uses rank {worst}, but the heads rank only {proposal_size} "
                         f"tokens (their draft vocabulary): use ranks below {proposal_size}")
