@@ -156,6 +156,12 @@ def test_write_and_append_jsonl(tmp_path):
     write_jsonl(path, convs[:1])
     append_jsonl(path, convs[1:])
     assert load_conversations(path)[0] == convs
+    # an overwrite that fails part-way (here a record JSON cannot encode) keeps the old file
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_jsonl(path, [convs[0], {"id": object()}])
+    assert path.read_text() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["out.jsonl"]
 
 
 BAD_RECORDS = [

