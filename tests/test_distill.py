@@ -202,3 +202,26 @@ def test_argument_checks(distiller, tmp_path):
         distiller.run(GOOD, tmp_path / "x.jsonl", max_new_tokens=200, max_prompt_tokens=100)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         distiller.run(GOOD, tmp_path / "x.jsonl", batch_size=0)
+
+
+def test_a_bad_run_never_costs_the_output_its_records(distiller, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    old = json.dumps({"id": "old", "conversations": [{"from": "human", "value": "x"}]}) + "\n"
+    out.write_text(old)
+    # nothing usable: refused before the output is opened, resuming or not
+    for resume in (False, True):
+        with pytest.raises(ValueError, match="no usable conversations.*unknown_role=1"):
+            distiller.run(MALFORMED[:2], out, resume=resume, **KW)
+        assert out.read_text() == old
+    # an overwrite interrupted before its first batch is written leaves the old file whole
+    with monkeypatch.context() as m:
+        Recorder(distiller, m, fail_on_call=1)
+        with pytest.raises(KeyboardInterrupt):
+            distiller.run(GOOD, out, resume=False, **KW)
+    assert out.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temporary left
+    with pytest.raises(ValueError, match="is a directory"):
+        distiller.run(GOOD, tmp_path, **KW)
+    with pytest.raises(ValueError, match="max_conversations must be an integer >= 1"):
+        distiller.run(GOOD, out, max_conversations=0, resume=False, **KW)
+    assert out.read_text() == old

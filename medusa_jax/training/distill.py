@@ -13,7 +13,10 @@ context (the original assistant answers are discarded). ``truncated`` is true wh
 stopped at ``max_new_tokens`` without an end-of-turn token.
 
 The run is resumable: finished conversations are appended (and flushed) batch by batch, and a
-rerun skips the ids already in the output, ignoring a half-written last line.
+rerun skips the ids already in the output, ignoring a half-written last line. A run that
+overwrites (``resume=False``) writes a temporary file and renames it over the output only when
+it completes, and a source without one usable conversation is refused before the output (or,
+in :func:`distill`, the model) is touched: an existing output is never lost to a bad run.
 
 Batches are planned from the source alone (the first ``max_conversations`` usable conversations,
 sorted by prompt length within windows, cut into groups of ``batch_size``), so an interrupted
@@ -51,9 +54,11 @@ from medusa_jax.training.data import (
     normalize_conversation,
     sharegpt_path,
 )
+from medusa_jax.training.files import check_output_file, replace_file
 
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 DEFAULT_MAX_PROMPT_TOKENS = 512
+OUT_WHAT = "the distillation output (--out)"  # how path errors name the output
 
 
 @dataclasses.dataclass
@@ -195,7 +200,11 @@ class Distiller:
         conversation whose first prompt is longer is skipped; a later turn that is longer ends
         the conversation before it. ``temperature=0`` is greedy. ``sort_window``: conversations
         are sorted by prompt length within windows of this many, so batches have similar
-        lengths. ``resume=False`` overwrites ``out_path``.
+        lengths. ``resume=False`` overwrites ``out_path`` (through a temporary file renamed over
+        it at the end: an interrupted run leaves the old file as it was).
+
+        ValueError (before ``out_path`` is touched) for a source without a usable conversation
+        and for an ``out_path`` that is a directory.
 
         Returns a summary: ``written``, ``skipped`` (reason -> count; ``already_done`` for
         resumed ids), ``turns_dropped`` (reason -> count), ``turns_answered``,
@@ -203,10 +212,16 @@ class Distiller:
         ``tokens_per_second``, ``batches`` and ``source`` (the input's read report)."""
         t_start = time.perf_counter()
         ctx = self.cfg.max_position_embeddings
+        out_path = check_output_file(out_path, OUT_WHAT)
         for name, v in (("max_turns", max_turns), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size), ("sort_window", sort_window)):
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        # 0 would select nothing: with resume=False, an emptied output and nothing else
+        if max_conversations is not None and not (
+                isinstance(max_conversations, int) and max_conversations >= 1):
+            raise ValueError(f"max_conversations must be an integer >= 1 or None, got "
+                             f"{max_conversations!r}")
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_MAX_PROMPT_TOKENS, ctx - max_new_tokens)
         if max_prompt_tokens < 1 or max_prompt_tokens + max_new_tokens > ctx:
@@ -219,18 +234,20 @@ class Distiller:
             self.eos_token_ids, self.pad_token_id,
         )
 
-        out_path = os.fspath(out_path)
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         skipped: collections.Counter = collections.Counter()
+        report = DataReport(source="<records>")
+        convs = self._select(source, report, skipped, max_conversations, max_turns,
+                             max_prompt_tokens)
+        if not convs:  # before the output is opened: a bad source must not cost its records
+            every = DataReport(report.source, report.records_read, 0,
+                               skipped + report.skipped, report.truncated)
+            raise ValueError(f"no usable conversations in {every.summary()}")
         done_ids: set[str] = set()
         if resume:
             done_ids, bad = read_done_ids(out_path)
             if bad:
                 skipped["malformed_output_line"] += bad
-
-        report = DataReport(source="<records>")
-        convs = self._select(source, report, skipped, max_conversations, max_turns,
-                             max_prompt_tokens)
+        os.makedirs(os.path.dirname(out_path), exist_ok=True)
         for c in convs:
             c.done = c.id in done_ids
         skipped["already_done"] += sum(c.done for c in convs)
@@ -243,8 +260,12 @@ class Distiller:
         turns_dropped: collections.Counter = collections.Counter()
         n_todo = sum(not convs[i].done for _, g in todo for i in g)
         bar = _progress_bar(n_todo, progress)
+        # appending resumes; overwriting goes through a temporary file renamed over the old
+        # one at the end, so neither a crash nor an interruption leaves an emptied output
+        opener = (open(out_path, "a", encoding="utf-8") if resume  # noqa: SIM115
+                  else replace_file(out_path))
         try:
-            with open(out_path, "a" if resume else "w", encoding="utf-8") as f:
+            with opener as f:
                 for gi, group in todo:
                     members = [convs[i] for i in group]
                     self._run_group(members, settings, batch_size, seed, gi, max_prompt_tokens,
@@ -382,6 +403,28 @@ class Distiller:
                     stats["turns"] += 1
 
 
+def check_source(source: str | os.PathLike | None) -> DataReport:
+    """Refuse a conversation file (None: the packaged ShareGPT) without one usable
+    conversation, reading it only up to the first one: the check :meth:`Distiller.run` makes
+    after tokenising, made before a model is loaded. Returns the partial read report; raises
+    FileNotFoundError for a missing file and ValueError "no usable conversations" (with the
+    skip reasons) like the training commands' data loader."""
+    path = os.fspath(sharegpt_path() if source is None else source)
+    report = DataReport(source=path)
+    records = iter_raw_records(path, report)
+    try:
+        for record in records:
+            msgs, reason = normalize_conversation(record, require_assistant=False,
+                                                  drop_leading_assistant=True)
+            if msgs is not None:
+                report.kept = 1
+                return report
+            report.skip(reason or "invalid")
+    finally:
+        records.close()
+    raise ValueError(f"no usable conversations in {report.summary()}")
+
+
 def _count_records(records: Iterable[Any], report: DataReport):
     for r in records:
         report.records_read += 1
@@ -420,9 +463,12 @@ def distill(model_path: str | os.PathLike | None = None,
             dtype: str = "float32") -> dict:
     """Load a base model (None = the default SmolLM2-135M-Instruct) and self-distill
     ``data_path`` (None = the packaged ShareGPT) into ``out_path``; see :meth:`Distiller.run`
-    for the options and the returned summary."""
+    for the options and the returned summary. The output path and the source are checked
+    before the (slow) model load."""
     from medusa_jax.api import MedusaLM
 
+    check_output_file(out_path, OUT_WHAT)
+    check_source(data_path)
     lm = MedusaLM.load(model_path, medusa=None, dtype=dtype)
     return Distiller.from_lm(lm).run(
         data_path, out_path, max_conversations=max_conversations, max_turns=max_turns,
