@@ -17,7 +17,10 @@ from medusa_jax.decoding.medusa import heads_proposer, make_settings, medusa_gen
 from medusa_jax.decoding.vanilla import generate
 from medusa_jax.model.heads import init_medusa_params
 from medusa_jax.training.cached import (
+    HiddenSet,
     _heads_stats,
+    _load_hidden,
+    _save_hidden,
     choose_draft_ids,
     collect_hidden,
     draft_coverage,
@@ -158,3 +161,14 @@ def test_a_rerun_reuses_the_hidden_states(tmp_path, data_file):
     with open(first["hidden_cache"]["path"], "wb") as f:  # damaged: recomputed, not fatal
         f.write(b"garbage")
     assert train_cached(config(tmp_path, data_file, *args))["hidden_cache"]["status"] == "saved"
+
+
+def test_a_truncated_hidden_state_cache_is_recomputed(tmp_path, caplog):
+    path = str(tmp_path / "hidden-x.npz")
+    h = HiddenSet(np.ones((4, 8), np.float32), np.zeros((4, 2), np.int32))
+    _save_hidden(path, h, None)
+    assert _load_hidden(path)[1] is None
+    with open(path, "r+b") as f:  # a copy or a write cut short: no longer a zip archive
+        f.truncate(os.path.getsize(path) // 2)
+    assert _load_hidden(path) is None
+    assert "damaged hidden-state cache" in caplog.text and "BadZipFile" in caplog.text

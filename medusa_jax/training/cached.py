@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -242,8 +243,10 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
         with np.load(path, allow_pickle=False) as z:
             train = HiddenSet(z["train_hidden"], z["train_targets"])
             ev = HiddenSet(z["eval_hidden"], z["eval_targets"]) if "eval_hidden" in z else None
-    except (OSError, ValueError, KeyError) as e:  # damaged: recompute (and overwrite)
-        log.warning("ignoring the damaged hidden-state cache %s (%s)", path, e)
+    # damaged: recompute (and overwrite); a cut file is a BadZipFile, which is no OSError
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
+        log.warning("ignoring the damaged hidden-state cache %s (%s: %s)", path,
+                    type(e).__name__, e)
         return None
     log.info("hidden states from the cache %s", path)
     return train, ev
@@ -256,9 +259,10 @@ def train_cached(run_cfg: RunConfig) -> dict:
     from medusa_jax.training.prepare import prepare_data  # noqa: PLC0415
     from medusa_jax.weights.medusa_io import export_v1, save_heads  # noqa: PLC0415
 
-    tcfg, paths, m = run_cfg.train, run_cfg.paths(), run_cfg.medusa
+    tcfg, m = run_cfg.train, run_cfg.medusa
     if tcfg.mode != "medusa1":
         raise ValueError(f"train.cache_hidden needs train.mode='medusa1', got {tcfg.mode!r}")
+    paths = run_cfg.check_paths()  # before the data and the model: a bad dir fails at once
     t_origin = time.perf_counter()
     os.makedirs(paths.root, exist_ok=True)
     dump_yaml(to_dict(run_cfg), paths.config)

@@ -51,6 +51,7 @@ from medusa_jax.training.checkpoint import (
 )
 from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
+from medusa_jax.training.files import replace_file
 from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for callers of loop)
     ByteTokenizer,
     PreparedData,
@@ -268,7 +269,7 @@ def _trim_metrics(path: str, step: int) -> None:
         if not (rec.get("kind") == "train" and rec.get("step", 0) > step):
             keep.append(line)
     if len(keep) != len(lines):
-        with open(path, "w", encoding="utf-8") as f:
+        with replace_file(path) as f:  # a crash here must not lose the lines kept
             f.writelines(keep)
 
 
@@ -304,7 +305,8 @@ class Trainer:
     :class:`~medusa_jax.training.step.TrainState`), ``base_host`` (the original base, numpy)."""
 
     def __init__(self, run_cfg: RunConfig):
-        self.cfg, self.tcfg, self.paths = run_cfg, run_cfg.train, run_cfg.paths()
+        # the output paths first: a checkpoint.dir that is a file must not wait for the data
+        self.cfg, self.tcfg, self.paths = run_cfg, run_cfg.train, run_cfg.check_paths()
         devices = jax.devices()
         if run_cfg.devices is not None:
             if run_cfg.devices > len(devices):

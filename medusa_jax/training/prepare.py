@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -154,15 +155,10 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     cache_file = os.path.join(run_cfg.paths().data_cache, f"{digest}.npz") if d.cache else None
     if cache_file and os.path.isfile(cache_file):
-        with np.load(cache_file, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        report = json.loads(str(arrays.pop("report")))
-        split = {"train": {}, "eval": {}}
-        for k, v in arrays.items():
-            part, name = k.split("__", 1)
-            split[part][name] = v
-        log.info("tokenised data from the cache %s", cache_file)
-        return PreparedData(split["train"], split["eval"] or None, report, cache_file)
+        cached = _read_cache(cache_file)
+        if cached is not None:
+            log.info("tokenised data from the cache %s", cache_file)
+            return cached
 
     if d.path:
         convs, rep = load_conversations(source, max_records=d.max_records,
@@ -187,6 +183,27 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
             np.savez(f, report=np.asarray(json.dumps(report)), **flat)
         os.replace(tmp, cache_file)
     return PreparedData(train, evals, report, cache_file)
+
+
+def _read_cache(cache_file: str) -> PreparedData | None:
+    """The cached arrays, or None (with a warning) when the file is damaged: a cache is only
+    a shortcut, so a truncated or foreign file is rebuilt (and replaced) from the data."""
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        report = json.loads(str(arrays.pop("report")))
+        split: dict[str, dict[str, np.ndarray]] = {"train": {}, "eval": {}}
+        for k, v in arrays.items():
+            part, name = k.split("__", 1)
+            split[part][name] = v
+        if not split["train"].get("input_ids", np.empty(0)).size:
+            raise ValueError("no training rows")
+    # a cut file is a BadZipFile (not an OSError); a cut member an EOFError or ValueError
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
+        log.warning("the data cache %s cannot be read (%s: %s): rebuilding it", cache_file,
+                    type(e).__name__, e)
+        return None
+    return PreparedData(split["train"], split["eval"] or None, report, cache_file)
 
 
 def _report_dict(rep: DataReport, train: dict, evals: dict | None, n_train: int,

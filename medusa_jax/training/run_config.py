@@ -193,6 +193,30 @@ class RunConfig:
             base=pick(self.export.base_dir, "base"),
         )
 
+    def check_paths(self) -> RunPaths:
+        """:meth:`paths`, after checking that each can be written as what it is (a directory or
+        a file) without looking at its contents: called before the data and the model are
+        loaded, so a ``checkpoint.dir`` that names a file fails at once instead of after the
+        load. ConfigError (:class:`~medusa_jax.training.files.OutputPathError`) naming the
+        setting."""
+        from medusa_jax.training.files import check_output_dir, check_output_file
+
+        p = self.paths()
+        check_output_dir(p.root, "checkpoint.dir")
+        check_output_dir(p.checkpoints, "checkpoint.dir (its checkpoints/ folder)")
+        check_output_file(p.config, "checkpoint.dir (its config.yaml)")
+        check_output_dir(p.data_cache, "data.cache_dir" if self.data.cache_dir
+                         else "checkpoint.dir (its data_cache/ folder)")
+        check_output_file(p.metrics, "log.metrics_path" if self.log.metrics_path
+                          else "checkpoint.dir (its metrics.jsonl)")
+        if self.export.enabled:
+            check_output_dir(p.heads, "export.heads_dir")
+            if self.export.v1:
+                check_output_dir(p.heads_v1, "export.v1_dir")
+            if self.train.mode == "medusa2":
+                check_output_dir(p.base, "export.base_dir")
+        return p
+
     def replace(self, **sections) -> RunConfig:
         return dataclasses.replace(self, **sections)
 
