@@ -4,8 +4,12 @@ meshes, Medusa-1 keeps the base bit-identical, Medusa-2 exports heads and base, 
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,11 +41,20 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def config(run_dir, data_file, cache_dir, *overrides):
-    return load_run_config(TINY, [
-        f"data.path={data_file}", f"data.cache_dir={cache_dir}", f"checkpoint.dir={run_dir}",
-        "log.progress=false", "checkpoint.every_steps=100", "devices=1", *overrides,
-    ])
+def overrides(run_dir, data_file, cache_dir, *extra):
+    return [f"data.path={data_file}", f"data.cache_dir={cache_dir}", f"checkpoint.dir={run_dir}",
+            "log.progress=false", "checkpoint.every_steps=100", "devices=1", *extra]
+
+
+def config(run_dir, data_file, cache_dir, *extra):
+    return load_run_config(TINY, overrides(run_dir, data_file, cache_dir, *extra))
+
+
+def train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Every in-process run uses train.steps=6 (stopping early through should_stop where it needs
@@ -154,7 +167,7 @@ def test_checkpoint_restores_on_another_mesh(tmp_path, data_file, cache_dir, sav
     assert_trees_equal(host(tree), ref)
 
 
-def test_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, data_file, cache_dir):
+def test_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, data_file, cache_dir, capsys):
     cfg = config(tmp_path, data_file, cache_dir, STEPS)
     train(cfg, should_stop=stop_at(2))
     other = config(tmp_path, data_file, cache_dir, STEPS, "medusa.num_heads=2")
@@ -166,8 +179,57 @@ def test_damaged_or_foreign_checkpoint_is_a_clear_error(tmp_path, data_file, cac
         for name in files:
             with open(os.path.join(dirpath, name), "w") as f:
                 f.write("garbage")
-    with pytest.raises(CheckpointError, match="step 2 .* cannot be read"):
+    # the only step is unreadable: an error (never a silent fresh start), the step left alone
+    with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be read \(step 2: "):
         train(cfg)
+    assert TrainCheckpointer(tmp_path / "checkpoints").all_steps() == [2]
+    capsys.readouterr()
+    args = ["medusa1", "--config", TINY, *overrides(tmp_path, data_file, cache_dir, STEPS)]
+    assert train_cli().main(args) == 2
+    gc.collect()  # orbax's abandoned read coroutines would print here
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "can be read (step 2: " in errors[0] and len(errors[0]) < 800
+    assert "Traceback" not in err and "Exception ignored" not in err
+
+
+def _truncate_data_files(step_dir):
+    """Cut every array data file of a step to half (a copy or a write cut short)."""
+    d = step_dir / "state" / "ocdbt.process_0" / "d"
+    for name in os.listdir(d):
+        with open(d / name, "r+b") as f:
+            f.truncate(os.path.getsize(d / name) // 2)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_readable(
+        tmp_path, data_file, cache_dir, caplog, capsys):
+    cfg = config(tmp_path, data_file, cache_dir, STEPS, "checkpoint.every_steps=1")
+    train(cfg, should_stop=stop_at(2))
+    ckpts = tmp_path / "checkpoints"
+    _truncate_data_files(ckpts / "2")
+    with caplog.at_level(logging.WARNING, logger="medusa_jax"):
+        summary = train(cfg, should_stop=stop_at(3))
+    gc.collect()
+    assert summary["start_step"] == 1 and summary["step"] == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    w = warnings[0]
+    assert w.startswith(f"checkpoint step 2 in {ckpts} cannot be read (") and "\n" not in w
+    assert w.endswith("resuming from step 1") and len(w) < 800
+    # set aside, so the resumed run saved step 2 afresh (a save skips an existing step)
+    assert (tmp_path / "checkpoints.damaged" / "2").is_dir()
+    assert TrainCheckpointer(ckpts).all_steps() == [2, 3]
+    # a missing shard folder: the same, and the earlier set-aside is not overwritten
+    shutil.rmtree(ckpts / "3" / "state" / "ocdbt.process_0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medusa_jax"):
+        summary = train(cfg, should_stop=stop_at(4))
+    gc.collect()
+    assert summary["start_step"] == 2 and summary["step"] == 4
+    assert ["step 3" in r.getMessage() for r in caplog.records] == [True]
+    assert sorted(os.listdir(tmp_path / "checkpoints.damaged")) == ["2", "3"]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err
 
 
 def test_medusa1_keeps_the_base_bit_identical_and_exports(tmp_path, data_file, cache_dir):

@@ -21,7 +21,14 @@ other way round: orbax reads each device's slice straight from the files.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
+import logging
 import os
+import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +45,7 @@ from medusa_jax.weights.errors import CheckpointError
 
 __all__ = [
     "CheckpointError",
+    "CheckpointReadError",
     "TrainCheckpointer",
     "abstract_checkpoint_tree",
     "checkpoint_tree",
@@ -47,6 +55,89 @@ __all__ = [
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
+DAMAGED_SUFFIX = ".damaged"  # unreadable steps are moved to <directory>.damaged/<step>
+
+log = logging.getLogger("medusa_jax.train")
+
+
+class CheckpointReadError(CheckpointError):
+    """One checkpoint step exists but cannot be read (a damaged or missing file, a missing
+    item): unlike a checkpoint of another run, an earlier step may still be good."""
+
+    def __init__(self, message: str, step: int, reason: str):
+        super().__init__(message)
+        self.step, self.reason = step, reason
+
+
+# TensorStore's messages carry the whole driver spec (~60 lines) and a chain of "Error opening
+# ... driver:" prefixes; the cause is the rest.
+_SPEC_TAIL = re.compile(r"(\.? See full TensorStore details| \[tensorstore_spec).*", re.S)
+_DRIVER_PREFIX = re.compile(r'Error opening "[^"]*" driver: ')
+_MAX_REASON = 300
+
+
+def _short_reason(e: BaseException) -> str:
+    """One line saying why a read failed: the innermost storage error of ``e``'s chain
+    (orbax wraps it in a bare Exception that only names the array slice), spec cut off."""
+    inner, seen = e, {id(e)}
+    while inner.__cause__ is not None and id(inner.__cause__) not in seen:
+        inner = inner.__cause__
+        seen.add(id(inner))
+    text = _DRIVER_PREFIX.sub("", _SPEC_TAIL.sub("", str(inner))).strip()
+    text = " ".join(text.split())
+    if len(text) > _MAX_REASON:
+        text = text[:_MAX_REASON - 3] + "..."
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+def _orbax_leftover(unraisable) -> bool:
+    """An abandoned orbax read coroutine being closed, or a TensorStore completion callback
+    (``call_soon_threadsafe``) reaching the event loop orbax already closed."""
+    obj = unraisable.object
+    if inspect.iscoroutine(obj):
+        return "orbax" in obj.cr_code.co_filename
+    tb = unraisable.exc_traceback
+    return (obj is None and unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+            and tb.tb_frame.f_code.co_name == "call_soon_threadsafe")
+
+
+_hook_installed = False
+
+
+def _drop_orbax_leftovers() -> None:
+    """After a failed read, orbax's other read coroutines for that step are closed whenever
+    they are garbage collected (possibly much later), each printing "Exception ignored in
+    <coroutine ...>" and a ~60-line traceback that repeats the failure we already reported;
+    TensorStore reads still in flight then complete into orbax's closed event loop, each
+    printing a RuntimeError traceback from another thread. Installed once (on the first failed
+    read), this hook drops exactly those two kinds; every other unraisable error is passed
+    on."""
+    global _hook_installed
+    if _hook_installed:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _orbax_leftover(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    _hook_installed = True
+
+
+@contextlib.contextmanager
+def _quiet_storage_logs():
+    """Orbax logs (through absl) each failed read before raising it; we report it once."""
+    loggers = [logging.getLogger(n) for n in ("absl", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def checkpoint_tree(tcfg: TrainConfig, state: TrainState) -> dict:
@@ -157,14 +248,21 @@ class TrainCheckpointer:
         return int(step)
 
     def _read(self, step: int, items: dict) -> Any:
-        try:
-            return self._mngr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:  # orbax raises many types for a damaged directory
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be read "
-                f"({type(e).__name__}: {e}); delete that step directory to fall back to an "
-                "earlier one, or start afresh elsewhere"
-            ) from e
+        reason = None
+        with _quiet_storage_logs():
+            try:
+                return self._mngr.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # orbax raises many types for a damaged directory
+                _drop_orbax_leftovers()
+                reason = _short_reason(e)
+                log.debug("reading checkpoint step %d failed", step, exc_info=True)
+            # not chained: the storage error's traceback holds orbax's abandoned coroutines
+            # (and its message ~60 lines of spec); once it is gone they can be collected now
+            gc.collect()
+        raise CheckpointReadError(
+            f"checkpoint step {step} in {self.directory} cannot be read ({reason}); delete "
+            "that step directory to fall back to an earlier one, or start afresh elsewhere",
+            step, reason)
 
     def read_meta(self, step: int | None = None) -> dict:
         """The ``meta`` item of checkpoint ``step`` (None: the latest), without the arrays."""
@@ -181,6 +279,58 @@ class TrainCheckpointer:
             META_ITEM: ocp.args.JsonRestore(),
         })
         return out[STATE_ITEM], dict(out[META_ITEM] or {})
+
+    def restore_newest_readable(self, abstract_tree: dict,
+                                check_meta: Callable[[dict], None] | None = None
+                                ) -> tuple[int, dict, dict]:
+        """``(step, tree, meta)`` of the newest step that can be read, trying older ones when
+        the newest is damaged (a truncated file, a missing folder). ``check_meta(meta)`` is
+        called on each step's meta before its arrays are read; what it raises (another run's
+        checkpoint) is passed on, no fallback. Newer unreadable steps are moved to
+        ``<directory>.damaged/`` with one warning each, so the resumed run can save those steps
+        again (and never resumes from them later). CheckpointError when no step is readable
+        (nothing is moved then)."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        failed: list[CheckpointReadError] = []
+        for step in reversed(steps):
+            try:
+                meta = self.read_meta(step)
+                if check_meta is not None:
+                    check_meta(meta)
+                tree, meta = self.restore(abstract_tree, step)
+            except CheckpointReadError as e:
+                failed.append(e)
+                continue
+            for e in failed:
+                moved = self._set_aside(e.step)
+                log.warning("checkpoint step %d in %s cannot be read (%s); moved it to %s and "
+                            "resuming from step %d", e.step, self.directory, e.reason, moved,
+                            step)
+            return step, tree, meta
+        shown = "; ".join(f"step {e.step}: {e.reason}" for e in failed)
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} can be read ({shown}); delete that directory "
+            "(or use another checkpoint.dir) to start afresh")
+
+    def _set_aside(self, step: int) -> str:
+        """Move step ``step`` out of the manager's directory (process 0; the others wait) and
+        return where it went."""
+        root = self.directory + DAMAGED_SUFFIX  # beside, not inside: orbax lists only steps
+        dest, n = os.path.join(root, str(step)), 1
+        while os.path.exists(dest):  # an earlier run set this step aside already
+            dest, n = os.path.join(root, f"{step}.{n}"), n + 1
+        if jax.process_index() == 0:
+            os.makedirs(root, exist_ok=True)
+            # our manager names step directories by the bare number (no prefix, no padding)
+            os.replace(os.path.join(self.directory, str(step)), dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"medusa_set_aside_{step}")
+        self._mngr.reload()  # forget the moved step
+        return dest
 
     # -------------------------------------------------------------------------- lifecycle
     def wait(self) -> None:

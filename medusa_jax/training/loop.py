@@ -337,6 +337,7 @@ class Trainer:
             shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype, draft_ids=draft)
         self.shardings = state_shardings(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
         self.state = None
+        self._warned_diff: list[str] | None = None
 
     # ------------------------------------------------------------------------------ state
     def _place_base(self):
@@ -358,24 +359,26 @@ class Trainer:
             raise CheckpointError(
                 f"the checkpoints in {self.paths.checkpoints} belong to another run ({shown}); "
                 "use another checkpoint.dir, or delete it to start afresh")
-        if diff:
+        if diff and diff != self._warned_diff:  # once, though several steps may be tried
             log.warning("resuming with changed settings: %s", ", ".join(diff))
+            self._warned_diff = diff
 
     # -------------------------------------------------------------------------------- run
     def _restore(self, ckpt: TrainCheckpointer, it: BatchIterator) -> float:
         """Set ``self.state`` from the latest checkpoint (moving ``it`` to its position) or
         fresh; returns the wall time the checkpointed run had already spent."""
-        start = ckpt.latest_step()
-        if start is None:
+        latest = ckpt.latest_step()
+        if latest is None:
             self.state = self._fresh_state()
             return 0.0
         if not self.cfg.checkpoint.resume:
             raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest step "
-                                  f"{start}) and checkpoint.resume=false: use another "
+                                  f"{latest}) and checkpoint.resume=false: use another "
                                   "checkpoint.dir or delete it")
-        self._check_resumable(ckpt.read_meta(start))
         abstract = abstract_checkpoint_tree(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
-        tree, meta = ckpt.restore(abstract, start)
+        # a damaged newest step falls back to the newest readable one (with a warning); if
+        # none is readable this raises: never a silent fresh start over a run's checkpoints
+        start, tree, meta = ckpt.restore_newest_readable(abstract, self._check_resumable)
         base = self._place_base() if self.tcfg.mode == "medusa1" else None
         self.state = state_from_tree(self.tcfg, tree, base)
         it.restore(meta["data"])
