@@ -224,39 +224,42 @@ def test_tree_verification_batch1(tiny_cfg, tiny_params):
 # ----------------------------------------------------------------------------- cache compaction
 
 
-def test_commit_slots_moves_chosen_slots():
-    L, B, S = 2, 2, 10
+def test_commit_tree_appends_the_accepted_path():
+    L, B, S, T = 2, 2, 10, 5
     base = np.arange(L * B * S, dtype=np.float32).reshape(L, B, S, 1, 1)
+    tree = 1000 + np.arange(L * B * T, dtype=np.float32).reshape(L, B, T, 1, 1)
     cache = KVCache(k=jnp.asarray(base), v=jnp.asarray(-base), lengths=jnp.array([2, 3], jnp.int32))
-    rel = jnp.array([[0, 2, 3], [0, 1, 4]], jnp.int32)
-    out = cache.commit_slots(rel, jnp.array([3, 2], jnp.int32))
+    path = jnp.array([[0, 2, 3], [0, 1, 4]], jnp.int32)
+    out = cache.commit_tree(jnp.asarray(tree), jnp.asarray(-tree), path, jnp.array([3, 2], jnp.int32))
     np.testing.assert_array_equal(np.asarray(out.lengths), [5, 5])
     exp = base.copy()
-    exp[:, 0, 2:5] = base[:, 0, [2, 4, 5]]
-    exp[:, 1, 3:6] = base[:, 1, [3, 4, 7]]
+    exp[:, 0, 2:5] = tree[:, 0, [0, 2, 3]]
+    exp[:, 1, 3:6] = tree[:, 1, [0, 1, 4]]
     np.testing.assert_array_equal(np.asarray(out.k), exp)
     np.testing.assert_array_equal(np.asarray(out.v), -exp)
-    # committed prefix untouched
-    np.testing.assert_array_equal(np.asarray(out.k)[:, 0, :2], base[:, 0, :2])
-    np.testing.assert_array_equal(np.asarray(out.k)[:, 1, :3], base[:, 1, :3])
 
 
-def test_advance_and_attention_mask():
-    from medusa_jax.model.cache import attention_mask
-
-    m = np.asarray(attention_mask(jnp.array([2, 0]), 3, 6, None))
-    # row 0: slots 0,1 committed; new tokens at 2,3,4 causal among themselves
-    np.testing.assert_array_equal(m[0].astype(int), [[1, 1, 1, 0, 0, 0],
-                                                     [1, 1, 1, 1, 0, 0],
-                                                     [1, 1, 1, 1, 1, 0]])
-    np.testing.assert_array_equal(m[1].astype(int), [[1, 0, 0, 0, 0, 0],
-                                                     [1, 1, 0, 0, 0, 0],
-                                                     [1, 1, 1, 0, 0, 0]])
-    tm = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # node 2 is node 0's child, not 1's
-    m = np.asarray(attention_mask(jnp.array([1]), 3, 5, jnp.asarray(tm)))
-    np.testing.assert_array_equal(m[0].astype(int), [[1, 1, 0, 0, 0],
-                                                     [1, 1, 1, 0, 0],
-                                                     [1, 1, 0, 1, 0]])
+def test_verification_without_writes_equals_the_writing_forward(tiny_cfg, tiny_params):
+    """``LlamaModel(write=False)`` leaves the cache alone and returns the tree's K/V; its hidden
+    states equal the writing forward's, and its K/V are what that forward wrote."""
+    tree = build_tree(get_tree(CUSTOM_TREE))
+    rng = np.random.default_rng(5)
+    B, T = 2, tree.num_nodes
+    cache = KVCache.init(tiny_cfg, B, 64)
+    prompt = jnp.asarray(rng.integers(3, 128, (B, 8)).astype(np.int32))
+    _, _, cache = cached_forward(tiny_cfg, tiny_params, prompt, None, cache, None)
+    cache = cache.advance(jnp.array([8, 5], jnp.int32))
+    toks = jnp.asarray(rng.integers(3, 128, (B, T)).astype(np.int32))
+    pos = cache.lengths[:, None] + jnp.asarray(tree.depth_offsets)[None]
+    mask = jnp.asarray(tree.attn_mask)
+    h_w, written = LlamaModel(tiny_cfg).apply({"params": tiny_params}, toks, pos, cache, mask)
+    h_v, (same, (tk, tv)) = LlamaModel(tiny_cfg, write=False).apply(
+        {"params": tiny_params}, toks, pos, cache, mask)
+    np.testing.assert_allclose(np.asarray(h_v), np.asarray(h_w), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.asarray(same.k), np.asarray(cache.k))
+    for b, n in enumerate((8, 5)):
+        np.testing.assert_array_equal(np.asarray(tk)[:, b], np.asarray(written.k)[:, b, n: n + T])
+        np.testing.assert_array_equal(np.asarray(tv)[:, b], np.asarray(written.v)[:, b, n: n + T])
 
 
 @pytest.mark.parametrize("batch", [1, 2])

@@ -171,8 +171,10 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
 
     positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
-    hidden, cache = model.apply({"params": params["base"]}, tree_tokens, positions, s.cache,
-                                np.asarray(tree.attn_mask))  # [B, T, D]
+    # the tree's K/V stay apart from the cache; only the accepted path is committed below
+    hidden, (cache, (tree_k, tree_v)) = LlamaModel(cfg, write=False).apply(
+        {"params": params["base"]}, tree_tokens, positions, s.cache,
+        np.asarray(tree.attn_mask))  # [B, T, D], [L, B, T, K, H] x 2
     logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)  # [B, T, V]
 
     if settings.acceptance == "greedy" or sc.greedy:
@@ -186,7 +188,7 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     live = ~s.done
     out, n_out, done, _ = _append_many(s.out, s.n_out, s.done, toks, n, settings.gen.eos_token_ids,
                                        settings.gen.max_new_tokens)
-    cache = cache.commit_slots(path, jnp.where(live, n, 0))
+    cache = cache.commit_tree(tree_k, tree_v, path, jnp.where(live, n, 0))
     leaf = jnp.take_along_axis(path, (n - 1)[:, None], axis=1)  # [B, 1]
     new_logits = jnp.take_along_axis(logits, leaf[:, :, None], axis=1)[:, 0]
     new_hidden = jnp.take_along_axis(hidden, leaf[:, :, None], axis=1)[:, 0]

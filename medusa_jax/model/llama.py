@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.model.cache import KVCache, attention_mask, write_chunk
+from medusa_jax.model.attention import attention, attention_reference
+from medusa_jax.model.cache import KVCache, write_chunk
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -67,12 +68,15 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     cfg: ModelConfig
+    write: bool = True
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None, layer_idx=None):
-        """``x: [B, T, D]``, ``mask: [B, T, S]``; with ``cache_kv=(k, v)`` (the stacked cache,
-        ``[L, B, S, K, H]``) the new keys/values are written into layer ``layer_idx`` at
-        ``starts: [B]`` and attention runs over that layer of the cache."""
+        """``x: [B, T, D]``. Without a cache, ``mask: [B, T, T]`` (training). With
+        ``cache_kv=(k, v)`` (the stacked cache, ``[L, B, S, K, H]``) the tokens attend to layer
+        ``layer_idx``'s committed prefix (``starts: [B]`` slots per row) and, as ``mask``
+        (``[T, T]`` / ``[B, T, T]``, None = causal) allows, to each other; then their K/V are
+        written at ``starts`` (``write``) or returned apart (a Medusa tree's buffer)."""
         cfg = self.cfg
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = jnp.dtype(cfg.dtype)
@@ -96,19 +100,17 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
         new_kv = None
-        if cache_kv is not None:
-            ck = write_chunk(cache_kv[0], k, layer_idx, starts)  # [L, B, S, K, H]
-            cv = write_chunk(cache_kv[1], v, layer_idx, starts)
-            new_kv = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer_idx, 0, keepdims=False).astype(dt)
-            v = jax.lax.dynamic_index_in_dim(cv, layer_idx, 0, keepdims=False).astype(dt)
-
-        qg = q.reshape(B, T, K, N // K, H)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / math.sqrt(H)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, K, G, T, S]
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N * H)
-        return out @ wo.astype(dt).reshape(N * H, D), new_kv
+        if cache_kv is None:
+            out = attention_reference(q, None, None, None, None, k, v, mask)
+        else:
+            ck, cv = cache_kv
+            k, v = k.astype(ck.dtype), v.astype(cv.dtype)  # as stored (a bf16 cache rounds)
+            if self.write:  # only the T new slots are written, in place (see write_chunk)
+                ck, cv = write_chunk(ck, k, layer_idx, starts), write_chunk(cv, v, layer_idx, starts)
+            out, ck, cv = attention(q, ck, cv, layer_idx, starts, k.astype(dt), v.astype(dt), mask,
+                                    new_in_cache=self.write)
+            new_kv = (ck, cv, k, v)  # the caches, and the new K/V [B, T, K, H] each
+        return out.reshape(B, T, N * H) @ wo.astype(dt).reshape(N * H, D), new_kv
 
 
 class MLP(nn.Module):
@@ -134,23 +136,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; ``__call__`` has the scan-carry signature ``(carry, layer_idx)``."""
+    """One decoder layer; ``__call__`` has the scan-carry signature ``(carry, layer_idx)``.
+    With ``write=False`` the cache is left alone and the layer's new ``(k, v)`` come out as the
+    scan output (stacked over layers by the caller)."""
 
     cfg: ModelConfig
+    write: bool = True
 
     @nn.compact
     def __call__(self, carry, layer_idx):
         x, kc, vc, positions, mask, starts = carry
         cache_kv = None if kc is None else (kc, vc)  # [L, B, S, K, H]: updated in place
-        h, new_kv = Attention(self.cfg, name="attn")(
+        h, new_kv = Attention(self.cfg, self.write, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_kv, starts, layer_idx
         )
         x = x + h
         x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        out = None
         if new_kv is not None:
-            kc, vc = new_kv
-        return (x, kc, vc, positions, mask, starts), None
+            kc, vc = new_kv[:2]
+            out = None if self.write else new_kv[2:]
+        return (x, kc, vc, positions, mask, starts), out
 
 
 _REMAT = {
@@ -161,9 +168,13 @@ _REMAT = {
 
 class LlamaModel(nn.Module):
     """The decoder. ``__call__`` returns final-normed hidden states ``[B, T, D]`` and the cache;
-    ``logits`` maps hidden states to ``[.., V]`` float32 logits (tied or separate head)."""
+    ``logits`` maps hidden states to ``[.., V]`` float32 logits (tied or separate head).
+    ``write=False`` (Medusa verification): the cache is only read, and ``__call__`` returns
+    ``(cache, (k, v))``: the cache, unchanged (go on with this one: it was threaded through the
+    attention loops), and the new tokens' keys and values, each ``[L, B, T, K, H]``."""
 
     cfg: ModelConfig
+    write: bool = True
 
     def setup(self):
         cfg = self.cfg
@@ -179,9 +190,9 @@ class LlamaModel(nn.Module):
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg)
+            )(cfg, self.write)
         else:
-            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.layers = [block(cfg, self.write, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param(
@@ -193,7 +204,8 @@ class LlamaModel(nn.Module):
         """``tokens, positions: [B, T]``. Without a cache: a training forward (causal, or
         ``chunk_mask: [B, T, T]`` e.g. for packed segments). With a cache: the tokens are written
         at each row's length and attend to the committed prefix plus ``chunk_mask`` (``[T, T]``,
-        causal when None) among themselves; ``cache.lengths`` is not advanced."""
+        causal when None) among themselves; ``cache.lengths`` is not advanced. (With
+        ``write=False`` the second result is ``(cache, (k, v))``, see the class.)"""
         cfg = self.cfg
         B, T = tokens.shape
         if positions is None:
@@ -207,17 +219,22 @@ class LlamaModel(nn.Module):
             mask = jnp.broadcast_to(mask, (B, T, T))
             kc = vc = starts = None
         else:
-            mask = attention_mask(cache.lengths, T, cache.max_len, chunk_mask)  # [B, T, S]
+            mask = None if chunk_mask is None else jnp.asarray(chunk_mask, bool)  # [(B,) T, T]
             kc, vc, starts = cache.k, cache.v, cache.lengths
         carry = (x, kc, vc, positions, mask, starts)
         if cfg.scan_layers:
-            carry, _ = self.layers(carry, jnp.arange(cfg.num_layers))
+            carry, new_kv = self.layers(carry, jnp.arange(cfg.num_layers))
         else:
+            outs = []
             for i, layer in enumerate(self.layers):
-                carry, _ = layer(carry, i)
+                carry, kv = layer(carry, i)
+                outs.append(kv)
+            new_kv = None if outs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
         x, kc, vc = carry[:3]
         if cache is not None:
             cache = cache.replace(k=kc, v=vc)
+        if cache is not None and not self.write:
+            return self.final_norm(x), (cache, new_kv)  # new_kv: ([L, B, T, K, H], same)
         return self.final_norm(x), cache
 
     def logits(self, hidden):

@@ -1,0 +1,175 @@
+"""Attention over a KV cache: the one entry point the decoder calls with a cache.
+
+A forward over ``T`` new tokens (one decode step, a Medusa tree, a prompt) attends to two key
+sets: the committed prefix in the cache (slots ``[0, lengths[b])`` of row ``b``, visible to every
+new token) and the new tokens themselves (visible as ``chunk_mask: [T, T]`` allows: causal, or
+the tree mask). The two parts are computed apart and merged with the usual running max /
+log-sum-exp rule, so
+
+* the prefix is read only up to the longest live row, in blocks of ``block`` slots (a
+  ``fori_loop`` whose trip count is ``ceil(max(lengths) / block)``), never the whole static cache;
+* scores exist one block at a time (``[B, K, G, T, block]``), never at ``[B, T, S]`` f32 size;
+* the new tokens' keys/values need not be in the cache: a Medusa verification keeps its tree's
+  K/V apart and commits only the accepted slots (``KVCache.commit_tree``), so the T tree writes
+  never touch the cache's layout.
+
+``impl="reference"`` is the plain dense formulation (all ``S + T`` keys, one mask), kept as the
+test oracle. Accelerator kernels can join behind :func:`attention` by backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# The prefix is read in blocks of at most this many slots; a cache of up to this length is one
+# block (one loop trip when any row is live).
+PREFIX_BLOCK = 512
+# New-token blocks above this size (long prompts) are processed causally in blocks too.
+NEW_BLOCK = 256
+_NEG = -1e30
+
+
+def prefix_block_size(S: int) -> int:
+    """Slots per prefix block for a cache of ``S`` slots (a divisor of ``S``)."""
+    if S <= PREFIX_BLOCK:
+        return S
+    for b in (PREFIX_BLOCK, 256, 128, 64, 32, 16, 8):
+        if S % b == 0:
+            return b
+    return S
+
+
+def prefix_blocks(lengths: jax.Array, block: int) -> jax.Array:
+    """Trip count of the prefix loop: blocks up to the longest live row."""
+    return (jnp.max(lengths) + block - 1) // block
+
+
+def _update(state, s, valid, vb, dt):
+    """One online-softmax step. ``s: [B, K, G, T, C]`` f32 scores, ``valid`` broadcastable to
+    it, ``vb: [B, C, K, H]``; ``state = (max [B,K,G,T], denominator [B,K,G,T], acc [B,K,G,T,H])``."""
+    m, denom, acc = state
+    s = jnp.where(valid, s, _NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
+    corr = jnp.exp(m - m_new)
+    pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(dt), vb, preferred_element_type=jnp.float32)
+    return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + pv
+
+
+def _scores(qg, kb, scale):
+    # qg: [B, T, K, G, H], kb: [B, C, K, H] -> [B, K, G, T, C]
+    return jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=jnp.float32) * scale
+
+
+def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None, *,
+              impl: str = "xla", block: int | None = None, new_in_cache: bool = False):
+    """Attention of ``T`` new tokens over a cache prefix and themselves.
+
+    ``q: [B, T, N, H]``; ``k_cache, v_cache``: the stacked cache ``[L, B, S, K, H]`` (layer
+    ``layer`` is read) or None (no prefix); ``lengths: [B]`` committed slots per row;
+    ``k_new, v_new: [B, T, K, H]``; ``chunk_mask``: ``[T, T]`` or ``[B, T, T]`` bool among the
+    new tokens (None = causal). ``new_in_cache``: the new K/V are already written at slots
+    ``[lengths, lengths + T)`` (a decode step or a prompt); then a short causal chunk is read
+    with the prefix, in the same loop (one pass, no merge). Returns ``(out [B, T, N, H] in q's
+    dtype, k_cache, v_cache)``: go on with these caches (the same values), not the ones passed
+    in.
+    """
+    if impl == "reference":
+        out = attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask)
+        return out, k_cache, v_cache
+    if impl != "xla":
+        raise ValueError(f"unknown attention impl {impl!r} (xla, reference)")
+    B, T, N, H = q.shape
+    K = k_new.shape[2]
+    G = N // K
+    dt = q.dtype
+    scale = 1.0 / math.sqrt(H)
+    qg = q.reshape(B, T, K, G, H)
+    state = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+             jnp.zeros((B, K, G, T, H), jnp.float32))
+
+    # a decode step (or a short causal chunk) already in the cache: read it with the prefix
+    in_prefix = new_in_cache and chunk_mask is None and T <= NEW_BLOCK and k_cache is not None
+    if k_cache is not None:
+        S = k_cache.shape[2]
+        C = block or prefix_block_size(S)
+        # key slot s is visible to new token t iff s < lengths (+ t + 1 when read in the prefix)
+        limit = lengths[:, None] + (jnp.arange(T)[None, :] + 1 if in_prefix else 0)  # [B, T]
+
+        def prefix_step(i, carry):
+            st, kc, vc = carry
+            start = i * C
+            kb = jax.lax.dynamic_slice(kc, (layer, 0, start, 0, 0), (1, B, C, K, H))[0]
+            vb = jax.lax.dynamic_slice(vc, (layer, 0, start, 0, 0), (1, B, C, K, H))[0]
+            valid = (start + jnp.arange(C))[None, None, :] < limit[:, :, None]  # [B, T, C]
+            st = _update(st, _scores(qg, kb.astype(dt), scale), valid[:, None, None],
+                         vb.astype(dt), dt)
+            return st, kc, vc
+
+        # The cache rides through the loop as carried state, and the caller goes on with the
+        # loop's output: read from outside, it would be live after the loop and XLA would copy
+        # the whole cache into the loop (measured: two cache-sized copies per layer per step).
+        if C == S:  # one block: no loop (read from a loop, a scanned layer's cache was copied)
+            state, k_cache, v_cache = prefix_step(0, (state, k_cache, v_cache))
+        else:
+            state, k_cache, v_cache = jax.lax.fori_loop(
+                0, prefix_blocks(limit[:, -1], C), prefix_step, (state, k_cache, v_cache))
+        if in_prefix:
+            _, denom, acc = state
+            out = acc / denom[..., None]
+            return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+
+    if chunk_mask is None and T > NEW_BLOCK and T % NEW_BLOCK == 0:
+        # a long prompt: causal over its own keys, one block of keys at a time
+        C = NEW_BLOCK
+        q_idx = jnp.arange(T)[:, None]
+
+        def new_step(j, st):
+            kb = jax.lax.dynamic_slice_in_dim(k_new, j * C, C, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v_new, j * C, C, axis=1)
+            valid = (j * C + jnp.arange(C))[None, :] <= q_idx  # [T, C]
+            return _update(st, _scores(qg, kb, scale), valid, vb, dt)
+
+        state = jax.lax.fori_loop(0, T // C, new_step, state)
+    else:
+        if chunk_mask is None:
+            mask = jnp.tril(jnp.ones((T, T), bool))[None]
+        else:
+            mask = jnp.asarray(chunk_mask, bool)
+            mask = mask if mask.ndim == 3 else mask[None]  # [B or 1, T, T]
+        state = _update(state, _scores(qg, k_new, scale), mask[:, None, None], v_new, dt)
+
+    _, denom, acc = state
+    out = acc / denom[..., None]  # every token sees itself: denom > 0
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+
+
+def attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None):
+    """The dense formulation of :func:`attention`: all ``S + T`` keys, one ``[B, T, S + T]``
+    mask, a plain softmax. The test oracle; memory grows with ``T x S``."""
+    B, T, N, H = q.shape
+    K = k_new.shape[2]
+    dt = q.dtype
+    if chunk_mask is None:
+        cm = jnp.tril(jnp.ones((T, T), bool))[None]
+    else:
+        cm = jnp.asarray(chunk_mask, bool)
+        cm = cm if cm.ndim == 3 else cm[None]
+    cm = jnp.broadcast_to(cm, (B, T, T))
+    if k_cache is not None:
+        kc = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
+        vc = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
+        S = kc.shape[1]
+        committed = jnp.arange(S)[None, None, :] < lengths[:, None, None]  # [B, 1, S]
+        keys, vals = jnp.concatenate([kc, k_new], 1), jnp.concatenate([vc, v_new], 1)
+        mask = jnp.concatenate([jnp.broadcast_to(committed, (B, T, S)), cm], axis=2)
+    else:
+        keys, vals, mask = k_new, v_new, cm
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, keys).astype(jnp.float32) / math.sqrt(H)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, vals).reshape(B, T, N, H)

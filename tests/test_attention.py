@@ -1,0 +1,107 @@
+"""The length-aware attention (prefix in blocks up to the longest live row + the new tokens,
+merged by log-sum-exp) equals the dense reference: tree masks, causal chunks, long prompts,
+ragged row lengths, batch > 1, GQA and MQA, several prefix blocks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medusa_jax.model.attention import attention, attention_reference, prefix_block_size
+from medusa_jax.tree import build_tree, get_tree
+
+
+def _case(rng, B, T, N, K, H, L=2, S=96):
+    q = rng.standard_normal((B, T, N, H)).astype(np.float32)
+    kc = rng.standard_normal((L, B, S, K, H)).astype(np.float32)
+    vc = rng.standard_normal((L, B, S, K, H)).astype(np.float32)
+    kn = rng.standard_normal((B, T, K, H)).astype(np.float32)
+    vn = rng.standard_normal((B, T, K, H)).astype(np.float32)
+    return [jnp.asarray(a) for a in (q, kc, vc, kn, vn)]
+
+
+_TREE = build_tree(get_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]))
+
+
+@pytest.mark.parametrize("N, K", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+@pytest.mark.parametrize("mask", ["tree", "causal", "tree_per_row"])
+@pytest.mark.parametrize("block", [None, 16])  # one block, or several (96 slots / 16)
+def test_attention_equals_reference(N, K, mask, block):
+    rng = np.random.default_rng(0)
+    B, T, H = 3, _TREE.num_nodes, 8
+    q, kc, vc, kn, vn = _case(rng, B, T, N, K, H)
+    lengths = jnp.array([0, 37, 80], jnp.int32)  # ragged: empty, mid-block, several blocks
+    cm = {"tree": jnp.asarray(_TREE.attn_mask), "causal": None,
+          "tree_per_row": jnp.asarray(np.stack([_TREE.attn_mask, np.eye(T, dtype=bool),
+                                                _TREE.attn_mask]))}[mask]
+    for layer in (0, 1):
+        out, kc2, vc2 = attention(q, kc, vc, layer, lengths, kn, vn, cm, block=block)
+        ref = attention_reference(q, kc, vc, layer, lengths, kn, vn, cm)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+        assert kc2 is kc or np.array_equal(np.asarray(kc2), np.asarray(kc))
+
+
+def test_slots_past_the_lengths_are_masked_and_blocks_past_them_never_read():
+    """Garbage beyond a row's length does not leak into its attention: huge values inside a
+    live block are masked, and blocks past the longest row are not read at all (NaN there
+    would poison the result)."""
+    rng = np.random.default_rng(1)
+    q, kc, vc, kn, vn = _case(rng, 2, 4, 4, 2, 8)
+    lengths = jnp.array([10, 50], jnp.int32)  # blocks of 16: rows live in blocks 0 and 0-3
+    k_bad = kc.at[:, 0, 10:64].set(1e4).at[:, 1, 50:64].set(1e4).at[:, :, 64:].set(jnp.nan)
+    v_bad = vc.at[:, 0, 10:64].set(1e4).at[:, 1, 50:64].set(1e4).at[:, :, 64:].set(jnp.nan)
+    out, _, _ = attention(q, k_bad, v_bad, 0, lengths, kn, vn, None, block=16)
+    ref = attention_reference(q, kc, vc, 0, lengths, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_long_prompt_blocks_equal_reference():
+    """A prompt longer than one new-token block is attended causally block by block."""
+    rng = np.random.default_rng(2)
+    q, kc, vc, kn, vn = _case(rng, 2, 512, 4, 2, 8, L=1, S=600)
+    lengths = jnp.array([0, 64], jnp.int32)
+    out, _, _ = attention(q, kc, vc, 0, lengths, kn, vn, None)
+    ref = attention_reference(q, kc, vc, 0, lengths, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_inputs_stay_close_to_the_f32_reference():
+    rng = np.random.default_rng(3)
+    q, kc, vc, kn, vn = _case(rng, 2, 6, 4, 2, 16)
+    lengths = jnp.array([20, 90], jnp.int32)
+    bf = [a.astype(jnp.bfloat16) for a in (q, kc, vc, kn, vn)]
+    out, _, _ = attention(bf[0], bf[1], bf[2], 0, lengths, bf[3], bf[4], None, block=32)
+    ref = attention_reference(q, kc, vc, 0, lengths, kn, vn, None)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=5e-2)
+
+
+def test_prefix_block_divides_the_cache():
+    for S in (48, 512, 1024, 2048, 8192, 8256, 640):
+        b = prefix_block_size(S)
+        assert S % b == 0 and b <= max(512, S if S <= 512 else 512)
+
+
+def test_prefix_loop_runs_only_over_live_blocks():
+    """The trip count follows the longest row: with lengths 0 the prefix is not read at all
+    (its values would poison the result if it were)."""
+    rng = np.random.default_rng(4)
+    q, kc, vc, kn, vn = _case(rng, 2, 3, 4, 2, 8)
+    nan = jnp.full_like(kc, jnp.nan)
+    out, _, _ = jax.jit(lambda *a: attention(*a, None, block=16))(
+        q, nan, nan, 0, jnp.zeros((2,), jnp.int32), kn, vn)
+    ref = attention_reference(q, None, None, None, None, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_new_tokens_already_in_the_cache_read_with_the_prefix(T):
+    """A decode step writes its K/V first and reads them in the prefix loop (one pass)."""
+    rng = np.random.default_rng(5)
+    q, kc, vc, kn, vn = _case(rng, 3, T, 4, 2, 8)
+    lengths = jnp.array([0, 15, 70], jnp.int32)
+    rows, slots = jnp.arange(3)[:, None], lengths[:, None] + jnp.arange(T)[None]
+    kw, vw = kc.at[1, rows, slots].set(kn), vc.at[1, rows, slots].set(vn)
+    out, _, _ = attention(q, kw, vw, 1, lengths, kn, vn, None, block=16, new_in_cache=True)
+    ref = attention_reference(q, kc, vc, 1, lengths, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
