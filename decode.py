@@ -58,9 +58,10 @@ def parse_args(argv=None):
     m.add_argument("--medusa", default="default",
                    help="Medusa heads dir (our format, original v1/v2 layout, or a Medusa-2 HF dir); "
                         "'none' for plain decoding; 'default' = heads shipped for the default model")
-    m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="parameters and activations; bfloat16 halves the memory but is several "
-                   "times slower on a CPU (XLA:CPU has no fast bf16 matrix products)")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="parameters, activations and KV cache (default: float32 on a CPU, "
+                   "bfloat16 on GPUs and TPUs); bfloat16 is several times slower on a CPU "
+                   "(XLA:CPU has no fast bf16 matrix products)")
     m.add_argument("--tokenizer", default=None,
                    help="HF checkpoint dir or .gguf file to take the tokenizer from (default: "
                    "the model's own; for a checkpoint saved without tokenizer files)")

@@ -70,8 +70,9 @@ class MedusaLM:
         self.pad_token_id = int(pad)
 
     @classmethod
-    def load(cls, model: str | None = None, medusa: str | None = "default", dtype: str = "float32",
-             scan_layers: bool = True, tokenizer: str | None = None) -> MedusaLM:
+    def load(cls, model: str | None = None, medusa: str | None = "default",
+             dtype: str | None = None, scan_layers: bool = True,
+             tokenizer: str | None = None) -> MedusaLM:
         """``model``: HF checkpoint dir or .gguf file (None = the default model). ``medusa``: a head
         checkpoint (any supported layout), ``"default"`` (the heads shipped for the default
         model, if any) or None. ``tokenizer``: where to take the tokenizer from when not from
@@ -80,6 +81,7 @@ class MedusaLM:
         from medusa_jax.weights import load_base_model
 
         model, medusa, tokenizer = resolve_sources(model, medusa, tokenizer)
+        dtype = dtype or default_dtype()
         cfg, base = load_base_model(model, dtype=dtype, scan_layers=scan_layers)
         cfg = cfg.replace(dtype=dtype)  # compute in the dtype the weights were loaded in
         tok = load_tokenizer(tokenizer or model)
@@ -172,7 +174,7 @@ class MedusaLM:
         chunk = stream_every if stream is not None else HOST_CHUNK_STEPS
         c0 = COMPILE_SECONDS[0]
         if use_medusa:
-            tree = check_tree(self.default_tree() if tree == "default" else tree,
+            tree = check_tree(self.default_tree(len(ids)) if tree == "default" else tree,
                               self.mcfg.num_heads, self.proposal_size)
             st = make_settings(tree, self.mcfg.num_heads, gen, proposal_size=self.proposal_size,
                                acceptance=acceptance, posterior_threshold=posterior_threshold,
@@ -209,10 +211,10 @@ class MedusaLM:
             return None
         return len(self.mcfg.draft_ids) if self.mcfg.draft_ids else self.mcfg.vocab_size
 
-    def default_tree(self):
-        """The tree the heads were shipped with for this backend, else a generic default
-        (:func:`default_tree`)."""
-        return default_tree(self.mcfg, self.heads_trees)
+    def default_tree(self, batch: int = 1):
+        """The tree the heads were shipped with for this backend (and, on accelerators, cut for
+        ``batch`` rows), else a generic default (:func:`default_tree`)."""
+        return default_tree(self.mcfg, self.heads_trees, batch=batch)
 
     def decode(self, toks: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -229,6 +231,11 @@ class MedusaLM:
                     shown[b] = len(text)
 
         return on_chunk
+
+
+def default_dtype(backend: str | None = None) -> str:
+    """float32 on a CPU, bfloat16 on accelerators (weights, activations and the KV cache)."""
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 def resolve_acceptance(acceptance: str | None, temperature: float) -> str:
@@ -326,17 +333,32 @@ def heads_trees(path: str) -> dict:
     return dict(trees) if isinstance(trees, dict) else {}
 
 
-def default_tree(mcfg: MedusaConfig, trees: dict | None = None, backend: str | None = None):
+# Tree tokens x batch rows an accelerator verifies at about the cost of a plain step: a 7B
+# decoder step stays memory-bound (it reads each weight once) up to about peak FLOP/s over
+# bandwidth, ~240 rows on a v5e, ~166 on a v5p, ~184 on an H200 (bf16), less the attention's
+# share (benchmarks/results/step_cost.md).
+ACCELERATOR_ROWS = 128
+
+
+def default_tree(mcfg: MedusaConfig, trees: dict | None = None, backend: str | None = None,
+                 batch: int = 1):
     """The tree to decode with: ``trees["cpu"]`` on a CPU and ``trees["gpu"]`` elsewhere when
     the heads came with them (chosen for the hardware, e.g. by ``benchmarks/choose_tree.py``);
     otherwise a 4-node tree on a CPU, where a verification forward over many nodes costs several
-    plain steps, and ``mc_sim_7b_63`` on accelerators, where it costs about one."""
-    from medusa_jax.tree import chain_tree
+    plain steps, and ``mc_sim_7b_63`` on accelerators, where it costs about one. On
+    accelerators the tree is cut for the batch so that nodes x rows stay within
+    :data:`ACCELERATOR_ROWS` (a 64-node tree at batch 8 would be compute-bound)."""
+    from medusa_jax.tree import chain_tree, get_tree, trim_tree
 
     backend = backend or jax.default_backend()
     key = "cpu" if backend == "cpu" else "gpu"
     if trees and trees.get(key):
-        return trees[key]
+        tree = trees[key]
+    elif key == "cpu":
+        tree = [[0], [1], [0, 0], [0, 0, 0]] if mcfg.num_heads >= 3 else chain_tree(mcfg.num_heads)
+    else:
+        tree = "mc_sim_7b_63" if mcfg.num_heads >= 4 else chain_tree(mcfg.num_heads)
     if key == "cpu":
-        return [[0], [1], [0, 0], [0, 0, 0]] if mcfg.num_heads >= 3 else chain_tree(mcfg.num_heads)
-    return "mc_sim_7b_63" if mcfg.num_heads >= 4 else chain_tree(mcfg.num_heads)
+        return tree
+    paths = [p for p in get_tree(tree) if len(p) <= mcfg.num_heads]
+    return trim_tree(paths, max(2, ACCELERATOR_ROWS // max(batch, 1)))

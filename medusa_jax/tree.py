@@ -209,6 +209,23 @@ def build_tree(
     )
 
 
+def trim_tree(choices: Sequence[Sequence[int]], max_nodes: int) -> list[list[int]]:
+    """The first paths of ``choices`` (in their order, which for the published trees is their
+    expected value) that keep every kept path's parent, up to ``max_nodes`` nodes with the
+    root: a smaller tree of the same shape, e.g. for a larger batch."""
+    if max_nodes < 1:
+        raise TreeError(f"max_nodes must be >= 1, got {max_nodes}")
+    kept: list[list[int]] = []
+    have: set[tuple[int, ...]] = {()}
+    for path in _normalize(choices):
+        if 1 + len(kept) >= max_nodes:
+            break
+        if tuple(path[:-1]) in have:
+            kept.append(list(path))
+            have.add(tuple(path))
+    return kept
+
+
 def chain_tree(depth: int) -> list[list[int]]:
     """A single chain of top-1 guesses: ``[[0], [0, 0], ...]`` with ``depth`` nodes."""
     if depth < 0:

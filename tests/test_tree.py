@@ -211,3 +211,28 @@ def test_get_tree_errors(tmp_path):
     bad.write_text(json.dumps({"x": [[0], 1]}))
     with pytest.raises(TreeError, match="bad.json"):
         load_tree_json(bad)
+
+
+def test_trim_tree_keeps_parents_and_the_budget():
+    from medusa_jax.tree import trim_tree
+
+    full = get_tree("mc_sim_7b_63")
+    for n in (2, 5, 16, 64, 100):
+        t = trim_tree(full, n)
+        assert 1 + len(t) == min(n, 1 + len(full))
+        kept = {tuple(p) for p in t}
+        assert all(len(p) == 1 or tuple(p[:-1]) in kept for p in t)
+        build_tree(t)  # a valid tree
+    assert trim_tree([[0], [0, 0], [1]], 3) == [[0], [0, 0]]
+
+
+def test_accelerator_tree_shrinks_with_the_batch():
+    from medusa_jax.api import ACCELERATOR_ROWS, default_dtype, default_tree
+    from medusa_jax.config import MedusaConfig
+
+    mcfg = MedusaConfig(hidden_size=8, vocab_size=32, num_heads=5)
+    big = build_tree(default_tree(mcfg, backend="gpu", batch=1))
+    small = build_tree(default_tree(mcfg, backend="gpu", batch=8))
+    assert big.num_nodes == 64 and small.num_nodes == ACCELERATOR_ROWS // 8
+    assert default_tree(mcfg, backend="cpu", batch=8) == default_tree(mcfg, backend="cpu")
+    assert default_dtype("cpu") == "float32" and default_dtype("gpu") == default_dtype("tpu") == "bfloat16"
