@@ -719,7 +719,7 @@ def _decode_settings(tree, num_heads: int, max_new_tokens: int):
 def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, settings,
                            batch_size: int, cache_len: int):
     """``(params, state, stop_step)`` of ``_medusa_decode`` as sharded ``ShapeDtypeStruct``:
-    parameters by the logical-axis rules, the KV cache ``[L, B, S, K, H]`` with its rows over
+    parameters by the logical-axis rules, the KV cache ``[L, B, K, S, H]`` with its rows over
     ``data`` x ``fsdp`` (when the batch divides) and its KV heads over ``tensor``."""
     from medusa_jax.decoding.medusa import _medusa_prefill
     from medusa_jax.training.step import abstract_params
@@ -743,7 +743,7 @@ def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, set
     def spec(path, x):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
         if name in ("cache/k", "cache/v"):
-            return PartitionSpec(None, rows, None, heads, None)
+            return PartitionSpec(None, rows, heads, None, None)  # [L, B, K, S, H]
         if x.ndim >= 1 and x.shape[0] == batch_size and name != "rng":
             return PartitionSpec(rows, *([None] * (x.ndim - 1)))
         return PartitionSpec()
@@ -806,6 +806,16 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     else:
         raise AOTError(f"weight_layout={weight_layout!r} must be 'default' or 'auto'")
     _compile_into(rep, jitted, (params, state, stop), mesh)
+    if rep.fits and cfg.scan_layers and cfg.num_layers > 1 and rep.xla_flops is not None:
+        # the cost analysis counts the scanned layer loop's body once: count one and two
+        # unrolled layers and extrapolate (the layers are identical)
+        one, two = (compile_decode(
+            dataclasses.replace(cfg, num_layers=n, scan_layers=False), mcfg, topo, mesh_cfg,
+            batch_size=batch_size, cache_len=cache_len, tree=tree, max_new_tokens=max_new_tokens,
+            weight_layout=weight_layout).xla_flops for n in (1, 2))
+        if one is not None and two is not None:
+            rep.extra["xla_flops_as_counted_scanned"] = rep.xla_flops
+            rep.xla_flops = one + (cfg.num_layers - 1) * (two - one)
     if not rep.fits:
         rep.suggestions = _decode_suggestions(rep, cfg, mesh, batch_size, cache_len)
         rep.error = _not_fit_message(rep, "the Medusa decoding loop", rep.suggestions)

@@ -13,8 +13,8 @@ from medusa_jax.tree import build_tree, get_tree
 
 def _case(rng, B, T, N, K, H, L=2, S=96):
     q = rng.standard_normal((B, T, N, H)).astype(np.float32)
-    kc = rng.standard_normal((L, B, S, K, H)).astype(np.float32)
-    vc = rng.standard_normal((L, B, S, K, H)).astype(np.float32)
+    kc = rng.standard_normal((L, B, K, S, H)).astype(np.float32)
+    vc = rng.standard_normal((L, B, K, S, H)).astype(np.float32)
     kn = rng.standard_normal((B, T, K, H)).astype(np.float32)
     vn = rng.standard_normal((B, T, K, H)).astype(np.float32)
     return [jnp.asarray(a) for a in (q, kc, vc, kn, vn)]
@@ -48,8 +48,8 @@ def test_slots_past_the_lengths_are_masked_and_blocks_past_them_never_read():
     rng = np.random.default_rng(1)
     q, kc, vc, kn, vn = _case(rng, 2, 4, 4, 2, 8)
     lengths = jnp.array([10, 50], jnp.int32)  # blocks of 16: rows live in blocks 0 and 0-3
-    k_bad = kc.at[:, 0, 10:64].set(1e4).at[:, 1, 50:64].set(1e4).at[:, :, 64:].set(jnp.nan)
-    v_bad = vc.at[:, 0, 10:64].set(1e4).at[:, 1, 50:64].set(1e4).at[:, :, 64:].set(jnp.nan)
+    k_bad = kc.at[:, 0, :, 10:64].set(1e4).at[:, 1, :, 50:64].set(1e4).at[:, :, :, 64:].set(jnp.nan)
+    v_bad = vc.at[:, 0, :, 10:64].set(1e4).at[:, 1, :, 50:64].set(1e4).at[:, :, :, 64:].set(jnp.nan)
     out, _, _ = attention(q, k_bad, v_bad, 0, lengths, kn, vn, None, block=16)
     ref = attention_reference(q, kc, vc, 0, lengths, kn, vn, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
@@ -101,7 +101,7 @@ def test_new_tokens_already_in_the_cache_read_with_the_prefix(T):
     q, kc, vc, kn, vn = _case(rng, 3, T, 4, 2, 8)
     lengths = jnp.array([0, 15, 70], jnp.int32)
     rows, slots = jnp.arange(3)[:, None], lengths[:, None] + jnp.arange(T)[None]
-    kw, vw = kc.at[1, rows, slots].set(kn), vc.at[1, rows, slots].set(vn)
+    kw, vw = kc.at[1, rows, :, slots].set(kn), vc.at[1, rows, :, slots].set(vn)
     out, _, _ = attention(q, kw, vw, 1, lengths, kn, vn, None, block=16, new_in_cache=True)
     ref = attention_reference(q, kc, vc, 1, lengths, kn, vn, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)

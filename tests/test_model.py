@@ -82,7 +82,7 @@ def test_cached_steps_equal_full_forward(scan, tiny_cfg, tiny_params, scan_cfg, 
     np.testing.assert_allclose(np.asarray(h), np.asarray(full_h), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(lg), np.asarray(full_l), atol=1e-5, rtol=0)
     assert float(jnp.std(full_l)) > 1e-3  # the logits are not trivially constant
-    assert cache.k.shape == (cfg.num_layers, 1, 16, cfg.num_kv_heads, cfg.head_dim)
+    assert cache.k.shape == (cfg.num_layers, 1, cfg.num_kv_heads, 16, cfg.head_dim)
 
 
 def test_ragged_batch_rows_are_independent(tiny_cfg, tiny_params):
@@ -225,16 +225,16 @@ def test_tree_verification_batch1(tiny_cfg, tiny_params):
 
 
 def test_commit_tree_appends_the_accepted_path():
-    L, B, S, T = 2, 2, 10, 5
-    base = np.arange(L * B * S, dtype=np.float32).reshape(L, B, S, 1, 1)
-    tree = 1000 + np.arange(L * B * T, dtype=np.float32).reshape(L, B, T, 1, 1)
+    L, B, K, S, T = 2, 2, 3, 10, 5
+    base = np.arange(L * B * K * S, dtype=np.float32).reshape(L, B, K, S, 1)
+    tree = 1000 + np.arange(L * B * T * K, dtype=np.float32).reshape(L, B, T, K, 1)
     cache = KVCache(k=jnp.asarray(base), v=jnp.asarray(-base), lengths=jnp.array([2, 3], jnp.int32))
     path = jnp.array([[0, 2, 3], [0, 1, 4]], jnp.int32)
     out = cache.commit_tree(jnp.asarray(tree), jnp.asarray(-tree), path, jnp.array([3, 2], jnp.int32))
     np.testing.assert_array_equal(np.asarray(out.lengths), [5, 5])
     exp = base.copy()
-    exp[:, 0, 2:5] = tree[:, 0, [0, 2, 3]]
-    exp[:, 1, 3:6] = tree[:, 1, [0, 1, 4]]
+    exp[:, 0, :, 2:5] = tree[:, 0, [0, 2, 3]].transpose(0, 2, 1, 3)
+    exp[:, 1, :, 3:6] = tree[:, 1, [0, 1, 4]].transpose(0, 2, 1, 3)
     np.testing.assert_array_equal(np.asarray(out.k), exp)
     np.testing.assert_array_equal(np.asarray(out.v), -exp)
 
@@ -258,8 +258,10 @@ def test_verification_without_writes_equals_the_writing_forward(tiny_cfg, tiny_p
     np.testing.assert_allclose(np.asarray(h_v), np.asarray(h_w), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(np.asarray(same.k), np.asarray(cache.k))
     for b, n in enumerate((8, 5)):
-        np.testing.assert_array_equal(np.asarray(tk)[:, b], np.asarray(written.k)[:, b, n: n + T])
-        np.testing.assert_array_equal(np.asarray(tv)[:, b], np.asarray(written.v)[:, b, n: n + T])
+        wk = np.asarray(written.k)[:, b, :, n: n + T].transpose(0, 2, 1, 3)  # [L, T, K, H]
+        wv = np.asarray(written.v)[:, b, :, n: n + T].transpose(0, 2, 1, 3)
+        np.testing.assert_array_equal(np.asarray(tk)[:, b], wk)
+        np.testing.assert_array_equal(np.asarray(tv)[:, b], wv)
 
 
 @pytest.mark.parametrize("batch", [1, 2])

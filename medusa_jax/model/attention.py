@@ -49,26 +49,26 @@ def prefix_blocks(lengths: jax.Array, block: int) -> jax.Array:
 
 def _update(state, s, valid, vb, dt):
     """One online-softmax step. ``s: [B, K, G, T, C]`` f32 scores, ``valid`` broadcastable to
-    it, ``vb: [B, C, K, H]``; ``state = (max [B,K,G,T], denominator [B,K,G,T], acc [B,K,G,T,H])``."""
+    it, ``vb: [B, K, C, H]``; ``state = (max [B,K,G,T], denominator [B,K,G,T], acc [B,K,G,T,H])``."""
     m, denom, acc = state
     s = jnp.where(valid, s, _NEG)
     m_new = jnp.maximum(m, s.max(-1))
     p = jnp.where(valid, jnp.exp(s - m_new[..., None]), 0.0)
     corr = jnp.exp(m - m_new)
-    pv = jnp.einsum("bkgtc,bckh->bkgth", p.astype(dt), vb, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("bkgtc,bkch->bkgth", p.astype(dt), vb, preferred_element_type=jnp.float32)
     return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + pv
 
 
 def _scores(qg, kb, scale):
-    # qg: [B, T, K, G, H], kb: [B, C, K, H] -> [B, K, G, T, C]
-    return jnp.einsum("btkgh,bckh->bkgtc", qg, kb, preferred_element_type=jnp.float32) * scale
+    # qg: [B, T, K, G, H], kb: [B, K, C, H] -> [B, K, G, T, C]
+    return jnp.einsum("btkgh,bkch->bkgtc", qg, kb, preferred_element_type=jnp.float32) * scale
 
 
 def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None, *,
               impl: str = "xla", block: int | None = None, new_in_cache: bool = False):
     """Attention of ``T`` new tokens over a cache prefix and themselves.
 
-    ``q: [B, T, N, H]``; ``k_cache, v_cache``: the stacked cache ``[L, B, S, K, H]`` (layer
+    ``q: [B, T, N, H]``; ``k_cache, v_cache``: the stacked cache ``[L, B, K, S, H]`` (layer
     ``layer`` is read) or None (no prefix); ``lengths: [B]`` committed slots per row;
     ``k_new, v_new: [B, T, K, H]``; ``chunk_mask``: ``[T, T]`` or ``[B, T, T]`` bool among the
     new tokens (None = causal). ``new_in_cache``: the new K/V are already written at slots
@@ -88,13 +88,14 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     dt = q.dtype
     scale = 1.0 / math.sqrt(H)
     qg = q.reshape(B, T, K, G, H)
+    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, K, T, H]
     state = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
              jnp.zeros((B, K, G, T, H), jnp.float32))
 
     # a decode step (or a short causal chunk) already in the cache: read it with the prefix
     in_prefix = new_in_cache and chunk_mask is None and T <= NEW_BLOCK and k_cache is not None
     if k_cache is not None:
-        S = k_cache.shape[2]
+        S = k_cache.shape[3]
         C = block or prefix_block_size(S)
         # key slot s is visible to new token t iff s < lengths (+ t + 1 when read in the prefix)
         limit = lengths[:, None] + (jnp.arange(T)[None, :] + 1 if in_prefix else 0)  # [B, T]
@@ -102,8 +103,8 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
         def prefix_step(i, carry):
             st, kc, vc = carry
             start = i * C
-            kb = jax.lax.dynamic_slice(kc, (layer, 0, start, 0, 0), (1, B, C, K, H))[0]
-            vb = jax.lax.dynamic_slice(vc, (layer, 0, start, 0, 0), (1, B, C, K, H))[0]
+            kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
+            vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
             valid = (start + jnp.arange(C))[None, None, :] < limit[:, :, None]  # [B, T, C]
             st = _update(st, _scores(qg, kb.astype(dt), scale), valid[:, None, None],
                          vb.astype(dt), dt)
@@ -128,8 +129,8 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
         q_idx = jnp.arange(T)[:, None]
 
         def new_step(j, st):
-            kb = jax.lax.dynamic_slice_in_dim(k_new, j * C, C, axis=1)
-            vb = jax.lax.dynamic_slice_in_dim(v_new, j * C, C, axis=1)
+            kb = jax.lax.dynamic_slice_in_dim(kn, j * C, C, axis=2)
+            vb = jax.lax.dynamic_slice_in_dim(vn, j * C, C, axis=2)
             valid = (j * C + jnp.arange(C))[None, :] <= q_idx  # [T, C]
             return _update(st, _scores(qg, kb, scale), valid, vb, dt)
 
@@ -140,7 +141,7 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
         else:
             mask = jnp.asarray(chunk_mask, bool)
             mask = mask if mask.ndim == 3 else mask[None]  # [B or 1, T, T]
-        state = _update(state, _scores(qg, k_new, scale), mask[:, None, None], v_new, dt)
+        state = _update(state, _scores(qg, kn, scale), mask[:, None, None], vn, dt)
 
     _, denom, acc = state
     out = acc / denom[..., None]  # every token sees itself: denom > 0
@@ -162,6 +163,7 @@ def attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk
     if k_cache is not None:
         kc = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
         vc = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
+        kc, vc = kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3)  # [B, S, K, H]
         S = kc.shape[1]
         committed = jnp.arange(S)[None, None, :] < lengths[:, None, None]  # [B, 1, S]
         keys, vals = jnp.concatenate([kc, k_new], 1), jnp.concatenate([vc, v_new], 1)

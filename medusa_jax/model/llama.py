@@ -73,7 +73,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None, layer_idx=None):
         """``x: [B, T, D]``. Without a cache, ``mask: [B, T, T]`` (training). With
-        ``cache_kv=(k, v)`` (the stacked cache, ``[L, B, S, K, H]``) the tokens attend to layer
+        ``cache_kv=(k, v)`` (the stacked cache, ``[L, B, K, S, H]``) the tokens attend to layer
         ``layer_idx``'s committed prefix (``starts: [B]`` slots per row) and, as ``mask``
         (``[T, T]`` / ``[B, T, T]``, None = causal) allows, to each other; then their K/V are
         written at ``starts`` (``write``) or returned apart (a Medusa tree's buffer)."""
@@ -146,7 +146,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer_idx):
         x, kc, vc, positions, mask, starts = carry
-        cache_kv = None if kc is None else (kc, vc)  # [L, B, S, K, H]: updated in place
+        cache_kv = None if kc is None else (kc, vc)  # [L, B, K, S, H]: updated in place
         h, new_kv = Attention(self.cfg, self.write, name="attn")(
             RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_kv, starts, layer_idx
         )

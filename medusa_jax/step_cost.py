@@ -1,0 +1,252 @@
+"""What one decode step costs as the compiler sees it: FLOPs, bytes accessed, copies of
+cache-sized arrays and the roofline time, for a vanilla step and a Medusa verification step.
+
+The programs compiled are the real decode loops (``_vanilla_decode``, ``_medusa_decode``: a
+``while_loop`` of steps, the cache donated), with unrolled layers (with ``scan_layers`` the
+compiler's cost analysis counts the layer loop's body once) and, for TPUs, compiler-chosen
+weight layouts. The cost analysis counts every loop body once: the decode loop's body is one
+step, as wanted; the attention's prefix loop (:mod:`medusa_jax.model.attention`) really runs
+``ceil(live / block)`` times, so its other trips are added as the bytes and FLOPs of the K/V
+blocks they read (``prefix_extra``).
+
+    rep = step_cost(cfg, mcfg, "v5p:1x1x1", tree="mc_sim_7b_63", batch=1, cache_len=2048)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.model.attention import prefix_block_size
+
+# bf16 dense peak FLOP/s and HBM bandwidth (bytes/s) per chip, for the roofline.
+ROOFLINE_CHIPS = {
+    "v5e": (197e12, 819e9),
+    "v5p": (459e12, 2765e9),
+    "h200": (790e12, 4.3e12),  # the same flops and bytes as compiled for v5p, a GPU's limits
+}
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+class StepCostError(ValueError):
+    """A step the report cannot compile (tree too large for the cache, bad batch, ...)."""
+
+
+# ------------------------------------------------------------------------------------ HLO
+_COMP_RE = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* (\w[\w-]*)\(")
+_CALLS_RE = re.compile(r"calls=%([\w.\-]+)")
+_FUSION_CALLS_RE = re.compile(r" fusion\(.*?calls=%([\w.\-]+)")
+_PURE_MOVES = {"parameter", "copy", "transpose", "bitcast"}
+
+
+def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, tuple, str, str]]]:
+    """computation name -> its instructions ``(name, dtype, dims, opcode, line)``."""
+    comps: dict[str, list] = {}
+    cur = None
+    for line in hlo_text.splitlines():
+        if cur is None:
+            m = _COMP_RE.match(line)
+            if m and "=" not in line.split("{")[0].split("(")[0]:
+                cur = m.group(1)
+                comps[cur] = []
+            continue
+        if line.strip() == "}":
+            cur = None
+            continue
+        m = _INSTR_RE.match(line)
+        if m:
+            dims = tuple(int(d) for d in m.group(3).split(",") if d)
+            comps[cur].append((m.group(1), m.group(2), dims, m.group(4), line))
+    return comps
+
+
+def relayout_copies(hlo_text: str, min_bytes: int = 0, shape: tuple | None = None) -> list[dict]:
+    """Relayout copies in an optimised HLO module: instructions outside fused computations
+    that are a ``copy``/``transpose``, or a ``fusion`` whose computation only moves data
+    (parameter/copy/transpose/bitcast), with an output of at least ``min_bytes`` or, given
+    ``shape``, with exactly that shape's dimensions in any order (a cache-sized array)."""
+    comps = _computations(hlo_text)
+    fused = set(_FUSION_CALLS_RE.findall(hlo_text))  # tuple-shaped fusions included
+    pure = {name for name in fused
+            if all(op in _PURE_MOVES for _, _, _, op, _ in comps.get(name, [("", "", (), "x", "")]))}
+    want = None if shape is None else sorted(shape)
+    out = []
+    for cname, instrs in comps.items():
+        if cname in fused:
+            continue
+        for name, dt, dims, op, line in instrs:
+            is_move = op in ("copy", "transpose")
+            if op == "fusion":
+                called = _CALLS_RE.findall(line)
+                is_move = bool(called) and called[0] in pure
+            if not is_move:
+                continue
+            nbytes = math.prod(dims) * _BYTES.get(dt, 4)
+            if (want is not None and sorted(dims) == want) or (want is None and nbytes >= min_bytes):
+                out.append({"name": name, "computation": cname, "dims": dims, "bytes": nbytes})
+    return out
+
+
+# ------------------------------------------------------------------------------- programs
+@dataclasses.dataclass
+class StepCost:
+    kind: str  # "vanilla" | "medusa"
+    target: str  # "cpu" or a TPU topology
+    batch: int
+    cache_len: int
+    live: int  # committed tokens per row the roofline assumes
+    tree_nodes: int  # 1 for vanilla
+    flops: float
+    bytes: float  # bytes accessed, the prefix loop's extra trips included
+    prefix_extra_bytes: float
+    cache_copies: list
+    big_copies: list  # other relayout copies >= 32 MB
+    compile_s: float
+    hlo: str = dataclasses.field(default="", repr=False)  # the optimised HLO, for inspection
+
+    def roofline_s(self, chip: str) -> float:
+        peak, bw = ROOFLINE_CHIPS[chip]
+        return max(self.flops / peak, self.bytes / bw)
+
+
+def _prefix_extra(cfg: ModelConfig, batch: int, cache_len: int, live: int, T: int,
+                  in_prefix: bool) -> tuple[float, float]:
+    """Bytes and FLOPs of the prefix loop's trips past the first (the cost analysis counts one):
+    per layer and trip, one ``[B, block, K, H]`` block of K and of V, and their q.k and p.v."""
+    C = prefix_block_size(cache_len)
+    trips = math.ceil((live + (T if in_prefix else 0)) / C)
+    extra = max(trips - 1, 0)
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    kv = 2 * batch * C * cfg.num_kv_heads * cfg.head_dim * itemsize
+    flops = 4 * batch * T * C * cfg.num_heads * cfg.head_dim
+    return cfg.num_layers * extra * kv, cfg.num_layers * extra * flops
+
+
+def _target(target: str):
+    """``(devices, sharding)`` for ``"cpu"`` or a TPU topology name (via libtpu)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from medusa_jax.aot import AOTError, get_topology, topology_mesh
+    from medusa_jax.sharding import MeshConfig
+
+    if target == "cpu":
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1),
+                                 ("data", "fsdp", "tensor"))
+    else:
+        try:
+            topo = get_topology(target)
+            mesh = topology_mesh(topo, MeshConfig(data=1, fsdp=1, tensor=1))
+        except AOTError as e:
+            raise StepCostError(str(e)) from None
+    return mesh, NamedSharding(mesh, PartitionSpec())
+
+
+def _abstract(tree, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _compile(fn, args, target: str, auto_weights: bool):
+    from jax.experimental.layout import Format, Layout
+
+    params, state, stop = args
+    if auto_weights and target != "cpu":
+        p_in = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
+    else:
+        p_in = jax.tree.map(lambda x: x.sharding, params)
+    s_in = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(fn, in_shardings=(p_in, s_in, stop.sharding), donate_argnums=(1,))
+    t = time.perf_counter()
+    compiled = jitted.lower(params, state, stop).compile()
+    return compiled, time.perf_counter() - t
+
+
+def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=None,
+              batch: int = 1, cache_len: int = 2048, live: int | None = None,
+              auto_weights: bool = True) -> StepCost:
+    """Compile one vanilla step (``mcfg=None`` or ``tree=None``) or one Medusa verification
+    step over ``tree`` for ``target`` (``"cpu"`` or a TPU topology such as ``v5p:1x1x1``) and
+    read its cost. ``live``: committed tokens per row (default half the cache)."""
+    from medusa_jax.decoding.common import GenerationSettings
+    from medusa_jax.decoding.medusa import (
+        _medusa_decode,
+        _medusa_prefill,
+        heads_proposer,
+        make_settings,
+    )
+    from medusa_jax.decoding.vanilla import _vanilla_decode, _vanilla_prefill
+    from medusa_jax.model.heads import init_medusa_params
+    from medusa_jax.model.llama import LlamaModel
+
+    if batch < 1:
+        raise StepCostError(f"batch must be >= 1, got {batch}")
+    if cache_len < 64 or cache_len % 64:
+        raise StepCostError(f"cache length must be a positive multiple of 64, got {cache_len}")
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+    live = cache_len // 2 if live is None else live
+    gen = GenerationSettings(max_new_tokens=16)
+    kind = "vanilla" if tree is None or mcfg is None else "medusa"
+    T = 1
+    if kind == "medusa":
+        settings = make_settings(tree, mcfg.num_heads, gen)
+        T = settings.tree.num_nodes
+    if live + T + 16 > cache_len:
+        raise StepCostError(f"{live} live tokens + a {T}-node tree do not fit a cache of "
+                            f"{cache_len} slots: use a longer cache or a smaller tree")
+    mesh, rep = _target(target)
+    prompt = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
+    lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    base = jax.eval_shape(lambda: LlamaModel(cfg).init(jax.random.PRNGKey(0),
+                                                       jnp.zeros((1, 1), jnp.int32)))["params"]
+    base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.param_dtype)),
+                        _unbox(base))
+    stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+    if kind == "vanilla":
+        state = jax.eval_shape(functools.partial(_vanilla_prefill, cfg=cfg, settings=gen,
+                                                 cache_len=cache_len), base, prompt, lens, key)
+        args = (_abstract(base, rep), _abstract(state, rep), stop)
+
+        def fn(p, s, st):
+            return _vanilla_decode(p, s, st, cfg=cfg, settings=gen)
+    else:
+        heads = jax.eval_shape(lambda: init_medusa_params(mcfg))
+        params = {"base": base, "medusa": heads}
+        state = jax.eval_shape(functools.partial(_medusa_prefill, cfg=cfg, settings=settings,
+                                                 cache_len=cache_len), params, prompt, lens, key)
+        args = (_abstract(params, rep), _abstract(state, rep), stop)
+        propose = heads_proposer(mcfg, cfg, settings.tree.topk, settings.tree.depth)
+
+        def fn(p, s, st):
+            return _medusa_decode(p, s, st, cfg=cfg, settings=settings, propose=propose)
+
+    with mesh:
+        compiled, compile_s = _compile(fn, args, target, auto_weights)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hlo = compiled.as_text()
+    cache_shape = tuple(state.cache.k.shape)
+    extra_b, extra_f = _prefix_extra(cfg, batch, cache_len, live, T, kind == "vanilla")
+    copies = relayout_copies(hlo, shape=cache_shape)
+    big = [c for c in relayout_copies(hlo, min_bytes=32 << 20)
+           if sorted(c["dims"]) != sorted(cache_shape)]
+    return StepCost(kind=kind, target=target, batch=batch, cache_len=cache_len, live=live,
+                    tree_nodes=T, flops=float(cost.get("flops", 0.0)) + extra_f,
+                    bytes=float(cost.get("bytes accessed", 0.0)) + extra_b,
+                    prefix_extra_bytes=extra_b, cache_copies=copies, big_copies=big,
+                    compile_s=compile_s, hlo=hlo)
+
+
+def _unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)

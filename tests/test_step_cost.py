@@ -1,0 +1,107 @@
+"""A Medusa verification step and a vanilla step hold no copy of a cache-sized array, compiled
+for a TPU (libtpu, here on the CPU) with a 4-layer model of Llama-2-7B width and for this CPU
+with the tiny model; the step-cost report refuses what it cannot compile with one clear error;
+aot's decode FLOPs count every scanned layer."""
+
+import dataclasses
+
+import pytest
+
+from medusa_jax import aot
+from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.sharding import MeshConfig
+from medusa_jax.step_cost import StepCostError, relayout_copies, step_cost
+
+TPU = "v5p:1x1x1"
+needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(), reason="needs libtpu (test extra)")
+
+
+@pytest.fixture(scope="module")
+def wide():
+    cfg = ModelConfig(**{**aot.MODEL_PRESETS["llama2-7b"], "num_layers": 4}, dtype="bfloat16",
+                      param_dtype="bfloat16", scan_layers=False)
+    return cfg, MedusaConfig.for_model(cfg, num_heads=4, param_dtype="bfloat16")
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tpu_steps_copy_no_cache_sized_array(wide, batch):
+    cfg, mcfg = wide
+    van = step_cost(cfg, None, TPU, batch=batch, cache_len=2048)
+    med = step_cost(cfg, mcfg, TPU, tree="mc_sim_7b_63", batch=batch, cache_len=2048)
+    assert med.tree_nodes == 64 and van.tree_nodes == 1
+    assert van.cache_copies == [], van.cache_copies
+    assert med.cache_copies == [], med.cache_copies
+    assert med.big_copies == [] and van.big_copies == []  # weights in the compiler's layouts
+    if batch == 1:  # 4 layers: the heads' own LM heads (4 x 4096 x 32000 bf16, 1 GB) dominate
+        heads = 4 * 4096 * 32000 * 2
+        assert med.bytes < van.bytes + heads * 1.3
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cpu_steps_copy_no_cache_sized_array(batch):
+    cfg = tiny_config(scan_layers=False)
+    mcfg = MedusaConfig.for_model(cfg, num_heads=4)
+    for mc, tree in ((None, None), (mcfg, "mc_sim_7b_63")):
+        r = step_cost(cfg, mc, "cpu", tree=tree, batch=batch, cache_len=192, live=64)
+        assert r.cache_copies == [], r.cache_copies
+
+
+def test_relayout_copies_finds_a_cache_copy():
+    """The detector itself: a copy and a pure-move fusion of the cache's shape, in any order of
+    dimensions, outside fused computations; a fused computation's own copy is not counted."""
+    hlo = """HloModule m
+
+%fused_computation.1 (param_0: bf16[2,1,64,4,8]) -> bf16[2,1,4,64,8] {
+  %param_0 = bf16[2,1,64,4,8]{4,3,2,1,0} parameter(0)
+  ROOT %copy.9 = bf16[2,1,4,64,8]{4,3,2,1,0} copy(%param_0)
+}
+
+ENTRY %main (p: bf16[2,1,64,4,8]) -> (bf16[2,1,64,4,8], bf16[2,1,4,64,8]) {
+  %p = bf16[2,1,64,4,8]{4,3,2,1,0} parameter(0)
+  %copy.1 = bf16[2,1,64,4,8]{4,2,3,1,0} copy(%p)
+  %fusion.2 = bf16[2,1,4,64,8]{4,3,2,1,0} fusion(%p), kind=kLoop, calls=%fused_computation.1
+  ROOT %t = (bf16[2,1,64,4,8], bf16[2,1,4,64,8]) tuple(%copy.1, %fusion.2)
+}
+"""
+    found = relayout_copies(hlo, shape=(2, 1, 64, 4, 8))
+    assert sorted(c["name"] for c in found) == ["copy.1", "fusion.2"]
+    assert all(c["computation"] == "main" for c in found)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(tree="mc_sim_7b_63", cache_len=64, live=32), "do not fit a cache of 64 slots"),
+    (dict(tree=None, cache_len=100), "multiple of 64"),
+    (dict(tree=None, batch=0), "batch must be >= 1"),
+])
+def test_report_refuses_what_it_cannot_compile(kw, message):
+    cfg = tiny_config(scan_layers=False)
+    mcfg = MedusaConfig.for_model(cfg, num_heads=4)
+    with pytest.raises(StepCostError, match=message):
+        step_cost(cfg, mcfg, "cpu", **kw)
+
+
+def test_step_cost_cli_bad_input(capsys):
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import step_cost as bench
+
+    with pytest.raises(SystemExit, match="unknown model"):
+        bench.main(["--models", "nope"])
+    assert bench.main(["--batches", "x"]) == 2
+    assert "comma-separated" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_aot_decode_flops_count_every_scanned_layer():
+    cfg = tiny_config(scan_layers=True, dtype="bfloat16", num_layers=4)
+    mcfg = MedusaConfig.for_model(cfg, num_heads=4)
+    kw = dict(batch_size=1, cache_len=128)
+    scanned = aot.compile_decode(cfg, mcfg, "v5e:1x1", MeshConfig(fsdp=1), **kw)
+    unrolled = aot.compile_decode(dataclasses.replace(cfg, scan_layers=False), mcfg, "v5e:1x1",
+                                  MeshConfig(fsdp=1), **kw)
+    assert scanned.extra["xla_flops_as_counted_scanned"] < 0.6 * unrolled.xla_flops
+    assert scanned.xla_flops == pytest.approx(unrolled.xla_flops, rel=0.05)
