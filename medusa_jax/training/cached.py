@@ -351,6 +351,12 @@ def train_cached(run_cfg: RunConfig) -> dict:
         "wall_time_s": round(summary["wall_time_s"], 1), "eval": ev,
     }
     exports = {"heads": save_heads(paths.heads, mcfg, host, metadata)}
+    if run_cfg.model.tiny:  # a tiny random base exists nowhere else: export it for decoding
+        from medusa_jax.training.prepare import load_run_tokenizer  # noqa: PLC0415
+        from medusa_jax.weights import save_hf_checkpoint  # noqa: PLC0415
+
+        save_hf_checkpoint(model_cfg, base, paths.base, tokenizer=load_run_tokenizer(run_cfg))
+        exports["base"] = paths.base
     if run_cfg.export.v1:
         exports["heads_v1"] = export_v1(paths.heads_v1, mcfg, host, base_lm_head=np.asarray(lm),
                                         base_model_name_or_path=run_cfg.model.path or "")

@@ -509,7 +509,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- export
     def export(self, summary: dict) -> dict:
-        """Write the heads (our format + v1 layout) and, in Medusa-2, the trained base."""
+        """Write the heads (our format + v1 layout) and, in Medusa-2 (or on a tiny random
+        model), the base as a complete Hugging Face checkpoint with its tokenizer: the run
+        directory then decodes with ``decode.py --model RUN``."""
         from medusa_jax.weights import save_hf_checkpoint
         from medusa_jax.weights.medusa_io import export_v1, save_heads
 
@@ -527,8 +529,9 @@ class Trainer:
             "wall_time_s": round(summary["wall_time_s"], 1), "eval": summary["eval"],
         }
         out["heads"] = save_heads(paths.heads, mcfg, medusa, metadata)
-        if medusa2:
-            save_hf_checkpoint(self.model_cfg, base, paths.base)
+        if medusa2 or cfg.model.tiny:  # a tiny random base exists nowhere else: export it too
+            save_hf_checkpoint(self.model_cfg, base, paths.base,
+                               tokenizer=load_run_tokenizer(cfg))
             out["base"] = paths.base
             base_name = paths.base
         if cfg.export.v1:

@@ -526,9 +526,12 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype: str = "float32", scan_lay
 
 
 def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike,
-                       dtype: str | None = None) -> None:
+                       dtype: str | None = None, tokenizer=None) -> None:
     """Write ``params`` (either layer layout; numpy or JAX arrays) as a Hugging Face checkpoint:
-    ``config.json`` + a single ``model.safetensors``, readable by ``transformers``.
+    ``config.json``, ``generation_config.json`` and a single ``model.safetensors``, readable by
+    ``transformers``; with ``tokenizer`` (a transformers tokenizer or the byte-level stand-in)
+    also its files and chat template, so the directory is complete (``AutoTokenizer``,
+    ``decode.py --model DIR``).
 
     ``dtype`` casts on the way out; by default each tensor keeps its dtype. Extra top-level
     entries of ``params`` (e.g. Medusa heads) are not written.
@@ -573,3 +576,10 @@ def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike,
         hf["pad_token_id"] = cfg.pad_token_id
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(hf, f, indent=2)
+    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({**gen, "do_sample": False}, f, indent=2)
+    if tokenizer is not None:
+        from medusa_jax.tokenizer import save_tokenizer
+
+        save_tokenizer(tokenizer, path)
