@@ -230,7 +230,13 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
             return _medusa_decode(p, s, st, cfg=cfg, settings=settings, propose=propose)
 
     with mesh:
-        compiled, compile_s = _compile(fn, args, target, auto_weights)
+        try:
+            compiled, compile_s = _compile(fn, args, target, auto_weights)
+        except Exception as e:  # the compiler's own words: out of HBM, mostly
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise StepCostError(f"does not fit one {target} chip: "
+                                f"{str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}") from None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()

@@ -91,7 +91,7 @@ def test_step_cost_cli_bad_input(capsys):
 
     with pytest.raises(SystemExit, match="unknown model"):
         bench.main(["--models", "nope"])
-    assert bench.main(["--batches", "x"]) == 2
+    assert bench.main(["--models", "llama2-7b", "--batches", "x"]) == 2
     assert "comma-separated" in capsys.readouterr().err
 
 
