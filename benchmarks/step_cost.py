@@ -85,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--trees", default="chain4,6-node,26-node,64-node,batch-default")
     p.add_argument("--live", type=float, default=0.5, help="rows filled to this share of the cache")
     p.add_argument("--quick", action="store_true", help="the plan's first group only")
+    p.add_argument("--accepted", type=float, default=1.46,
+                   help="accepted tokens per step for the predicted speedup (default: the "
+                   "shipped heads' MT-bench figure, benchmarks/results/mtbench.md)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "step_cost.md"))
     args = p.parse_args(argv)
     if args.models:
@@ -143,23 +146,29 @@ def main(argv=None) -> int:
                         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in row.items()), flush=True)
     lines = ["| model | target | batch | cache | tree | nodes | vanilla GB | Medusa GB | bytes ratio "
-             "| cache copies (van/med) | roofline Medusa/vanilla | vanilla roofline ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| cache copies (van/med) | roofline Medusa/vanilla | vanilla roofline ms "
+             f"| predicted speedup at {args.accepted} accepted/step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratios = ", ".join(f"{c}: {r[f'{c}_ratio']:.2f}" for c in ("v5e", "v5p", "h200")
                            if f"{c}_ratio" in r) or "-"
         ms = ", ".join(f"{c}: {r[f'{c}_van_ms']:.2f}" for c in ("v5e", "v5p", "h200")
                        if f"{c}_van_ms" in r) or "-"
+        speed = ", ".join(f"{c}: {args.accepted / r[f'{c}_ratio']:.2f}x" for c in
+                          ("v5e", "v5p", "h200") if f"{c}_ratio" in r) or "-"
         lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | {r['cache']} | {r['tree']} "
                      f"| {r['nodes']} | {r['van_gb']:.2f} | {r['med_gb']:.2f} "
-                     f"| {r['bytes_ratio']:.3f} | {r['copies']} | {ratios} | {ms} |")
+                     f"| {r['bytes_ratio']:.3f} | {r['copies']} | {ratios} | {ms} | {speed} |")
     body = "\n".join(lines)
     body += (f"\n\nRows filled to {args.live:.0%} of the cache. Roofline peaks and bandwidths: "
              + ", ".join(f"{k} {v[0] / 1e12:.0f} TFLOP/s, {v[1] / 1e12:.2f} TB/s"
                          for k, v in ROOFLINE_CHIPS.items())
              + f". The accelerator default tree for batch B keeps nodes x B <= {ACCELERATOR_ROWS}."
              " The prefix loop's trips past the first are added as the K/V bytes they read "
-             "(the cost analysis counts a loop body once).")
+             "(the cost analysis counts a loop body once). Predicted speedup = accepted tokens "
+             "per step / roofline step ratio; the accepted length is the shipped SmolLM2 heads' "
+             "on MT-bench with the CPU tree, a stand-in until heads are measured with these "
+             "trees on these models.")
     if notes:
         body += "\n\nNot compiled:\n" + "\n".join(f"- {n}" for n in notes)
     body += f"\n\nTotal wall time {time.perf_counter() - t_all:.0f} s."
