@@ -360,5 +360,9 @@ def default_tree(mcfg: MedusaConfig, trees: dict | None = None, backend: str | N
         tree = "mc_sim_7b_63" if mcfg.num_heads >= 4 else chain_tree(mcfg.num_heads)
     if key == "cpu":
         return tree
-    paths = [p for p in get_tree(tree) if len(p) <= mcfg.num_heads]
-    return trim_tree(paths, max(2, ACCELERATOR_ROWS // max(batch, 1)))
+    full = get_tree(tree)
+    paths = [p for p in full if len(p) <= mcfg.num_heads]
+    budget = max(2, ACCELERATOR_ROWS // max(batch, 1))
+    if len(paths) == len(full) and 1 + len(paths) <= budget:
+        return tree  # nothing to cut: keep the name
+    return trim_tree(paths, budget)

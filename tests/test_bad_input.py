@@ -221,15 +221,11 @@ def test_ctrl_c_while_streaming(tiny_lm):
         out = tiny_lm.generate([[3, 4]], max_new_tokens=400, medusa=False, stream=stream,
                                stream_every=4)
         assert not out[0].interrupted  # no signal: runs to the end
-        t = _interrupt_soon(0.05)
-        try:
-            out = tiny_lm.generate([[3, 4]], max_new_tokens=3000, medusa=False,
-                                   stream=lambda r, s: (seen.append(s), kill()), stream_every=4)
-        finally:
-            t.cancel()
+        out = tiny_lm.generate([[3, 4]], max_new_tokens=400, medusa=False,
+                               stream=lambda r, s: (seen.append(s), kill()), stream_every=4)
     finally:
         tiny_lm.tokenizer = None
-    assert out[0].interrupted and 0 < out[0].num_new_tokens < 3000
+    assert out[0].interrupted and 0 < out[0].num_new_tokens < 400
 
 
 # ------------------------------------------------------------------------- corrupt weights

@@ -242,7 +242,9 @@ def test_medusa1_keeps_the_base_bit_identical_and_exports(tmp_path, data_file, c
     assert_trees_equal(params, host(tr.state.params["medusa"]))
     meta = read_heads_metadata(heads_dir)
     assert meta["steps"] == 6 and len(meta["eval"]["head_top1"]) == 3
-    assert "base" not in summary["exports"]
+    # a tiny random base exists nowhere else, so the run exports it (unchanged) for decoding
+    _, exported = load_hf_checkpoint(summary["exports"]["base"], scan_layers=True)
+    assert_trees_equal(exported, tr.base_host)
     # The v1 layout stores each head's own copy of the base LM head.
     v1cfg, v1 = load_heads(summary["exports"]["heads_v1"], tr.model_cfg)
     np.testing.assert_array_equal(v1["res_kernel"], params["res_kernel"])

@@ -231,8 +231,8 @@ def test_accelerator_tree_shrinks_with_the_batch():
     from medusa_jax.config import MedusaConfig
 
     mcfg = MedusaConfig(hidden_size=8, vocab_size=32, num_heads=5)
-    big = build_tree(default_tree(mcfg, backend="gpu", batch=1))
-    small = build_tree(default_tree(mcfg, backend="gpu", batch=8))
+    big = build_tree(get_tree(default_tree(mcfg, backend="gpu", batch=1)))
+    small = build_tree(get_tree(default_tree(mcfg, backend="gpu", batch=8)))
     assert big.num_nodes == 64 and small.num_nodes == ACCELERATOR_ROWS // 8
     assert default_tree(mcfg, backend="cpu", batch=8) == default_tree(mcfg, backend="cpu")
     assert default_dtype("cpu") == "float32" and default_dtype("gpu") == default_dtype("tpu") == "bfloat16"
