@@ -123,7 +123,17 @@ def _drop_orbax_leftovers() -> None:
             previous(unraisable)
 
     sys.unraisablehook = hook
+    # the same leftovers also surface as asyncio's "exception was never retrieved" log record
+    # when orbax's gathering future is collected with the failed read inside it
+    logging.getLogger("asyncio").addFilter(_OrbaxFutureFilter())
     _hook_installed = True
+
+
+class _OrbaxFutureFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = f"{record.getMessage()} {exc!r}"
+        return not ("exception was never retrieved" in text and "TensorStore" in text)
 
 
 @contextlib.contextmanager
