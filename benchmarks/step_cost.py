@@ -3,9 +3,11 @@
 
 Compiles the real decode loops (unrolled layers, donated cache, compiler-chosen weight layouts)
 for TPU topologies through libtpu (no TPU needed) and for this CPU, and prints per model, batch,
-cache length and tree: FLOPs, bytes accessed, the cache-sized copies in the optimised HLO, the
-roofline step time ``max(flops / peak, bytes / bandwidth)`` on v5e, v5p and an H200 (from the
-v5p program's flops and bytes), and the Medusa / vanilla ratio. Rows are filled to half the
+cache length and tree: FLOPs, bytes accessed, the HBM traffic (bytes accessed less the on-chip
+VMEM accesses the TPU cost analysis also counts: ``medusa_jax.step_cost.on_chip_bytes``), the
+cache-sized copies in the optimised HLO, the roofline step time
+``max(flops / peak, HBM bytes / bandwidth)`` on v5e, v5p and an H200 (from the v5p program's
+flops and bytes), and the Medusa / vanilla ratio. Rows are filled to half the
 cache (``--live``). Writes ``benchmarks/results/step_cost.md``.
 
     python benchmarks/step_cost.py                      # the plan below (~40 min here)
@@ -62,7 +64,7 @@ def _model(name: str):
         raise SystemExit(f"error: unknown model {name!r} (llama2-7b, llama2-13b, smollm2-135m)")
     cfg = ModelConfig(**MODEL_PRESETS[name], dtype="bfloat16", param_dtype="bfloat16",
                       scan_layers=False)
-    # Medusa-2 heads as the Vicuna checkpoints ship them: their own LM heads, bf16
+    # 4 heads projecting through the base LM head (as ours do), bf16
     return cfg, MedusaConfig.for_model(cfg, num_heads=4, param_dtype="bfloat16")
 
 
@@ -136,6 +138,9 @@ def main(argv=None) -> int:
                                "van_gflops": van.flops / 1e9, "med_gflops": med.flops / 1e9,
                                "van_gb": van.bytes / 1e9, "med_gb": med.bytes / 1e9,
                                "bytes_ratio": med.bytes / van.bytes,
+                               "van_hbm_gb": van.hbm_bytes / 1e9, "med_hbm_gb": med.hbm_bytes / 1e9,
+                               "hbm_ratio": med.hbm_bytes / van.hbm_bytes,
+                               "van_floor_gb": (van.weight_bytes + van.live_kv_bytes) / 1e9,
                                "copies": f"{len(van.cache_copies)}/{len(med.cache_copies)}",
                                "compile_s": van.compile_s + med.compile_s}
                         chips = [chip, "h200"] if chip == "v5p" else [chip]
@@ -146,9 +151,10 @@ def main(argv=None) -> int:
                         print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in row.items()), flush=True)
     lines = ["| model | target | batch | cache | tree | nodes | vanilla GB | Medusa GB | bytes ratio "
+             "| vanilla HBM GB (weights + live KV) | Medusa HBM GB | HBM ratio "
              "| cache copies (van/med) | roofline Medusa/vanilla | vanilla roofline ms "
              f"| predicted speedup at {args.accepted} accepted/step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- " * 16 + "|"]
     for r in rows:
         ratios = ", ".join(f"{c}: {r[f'{c}_ratio']:.2f}" for c in ("v5e", "v5p", "h200")
                            if f"{c}_ratio" in r) or "-"
@@ -158,11 +164,19 @@ def main(argv=None) -> int:
                           ("v5e", "v5p", "h200") if f"{c}_ratio" in r) or "-"
         lines.append(f"| {r['model']} | {r['target']} | {r['batch']} | {r['cache']} | {r['tree']} "
                      f"| {r['nodes']} | {r['van_gb']:.2f} | {r['med_gb']:.2f} "
-                     f"| {r['bytes_ratio']:.3f} | {r['copies']} | {ratios} | {ms} | {speed} |")
+                     f"| {r['bytes_ratio']:.3f} | {r['van_hbm_gb']:.2f} ({r['van_floor_gb']:.2f}) "
+                     f"| {r['med_hbm_gb']:.2f} | {r['hbm_ratio']:.3f} "
+                     f"| {r['copies']} | {ratios} | {ms} | {speed} |")
     body = "\n".join(lines)
     body += (f"\n\nRows filled to {args.live:.0%} of the cache. Roofline peaks and bandwidths: "
              + ", ".join(f"{k} {v[0] / 1e12:.0f} TFLOP/s, {v[1] / 1e12:.2f} TB/s"
                          for k, v in ROOFLINE_CHIPS.items())
+             + ". GB = bytes accessed as the compiler's cost analysis counts them; HBM GB = "
+             "those less the accesses to on-chip (VMEM, `S(1)`) arrays, which that count also "
+             "includes (a weight the compiler prefetches into VMEM is counted five times: the "
+             "copy's read and write, the copy-done's operand and result, and the consumer's "
+             "read; HBM sees it once). The rooflines use HBM GB. Weights + live KV: the base "
+             "weights plus K and V of the live slots, the floor for a vanilla step"
              + f". The accelerator default tree for batch B keeps nodes x B <= {ACCELERATOR_ROWS}."
              " The prefix loop's trips past the first are added as the K/V bytes they read "
              "(the cost analysis counts a loop body once). Predicted speedup = accepted tokens "

@@ -1,5 +1,5 @@
 """What one decode step costs as the compiler sees it: FLOPs, bytes accessed, copies of
-cache-sized arrays and the roofline time, for a vanilla step and a Medusa verification step.
+cache-sized arrays, the HBM traffic and the roofline time, for a vanilla step and a Medusa verification step.
 
 The programs compiled are the real decode loops (``_vanilla_decode``, ``_medusa_decode``: a
 ``while_loop`` of steps, the cache donated), with unrolled layers (with ``scan_layers`` the
@@ -43,14 +43,31 @@ class StepCostError(ValueError):
 
 # ------------------------------------------------------------------------------------ HLO
 _COMP_RE = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* (\w[\w-]*)\(")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w-]+)\((.*)$")
+_ARRAY_RE = re.compile(r"(pred|bf16|[subf]\d+)\[([\d,]*)\](\{[^}]*\})?")
 _CALLS_RE = re.compile(r"calls=%([\w.\-]+)")
 _FUSION_CALLS_RE = re.compile(r" fusion\(.*?calls=%([\w.\-]+)")
+_LOOP_CALLS_RE = re.compile(r"(?:body|condition|to_apply)=%([\w.\-]+)")
 _PURE_MOVES = {"parameter", "copy", "transpose", "bitcast"}
+# instructions that move no bytes of their own (aliases, control flow, constants)
+_NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
+               "conditional", "call", "after-all"}
 
 
-def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, tuple, str, str]]]:
-    """computation name -> its instructions ``(name, dtype, dims, opcode, line)``."""
+def _arrays(type_str: str) -> list[tuple[str, tuple, bool]]:
+    """The arrays of an HLO type (an array or a tuple): ``(dtype, dims, on_chip)``; ``on_chip``
+    is a layout in memory space 1 (``S(1)``: on a TPU, VMEM, where the compiler prefetches)."""
+    return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d),
+             "S(1)" in (m.group(3) or "")) for m in _ARRAY_RE.finditer(type_str)]
+
+
+def _nbytes(dt: str, dims: tuple) -> int:
+    return math.prod(dims) * _BYTES.get(dt, 4)
+
+
+def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, tuple, str, str, str]]]:
+    """computation name -> its instructions ``(name, dtype, dims, opcode, line, type)``
+    (dtype and dims of the first array of the type; ``type`` is the whole type string)."""
     comps: dict[str, list] = {}
     cur = None
     for line in hlo_text.splitlines():
@@ -65,9 +82,41 @@ def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, tuple, str, s
             continue
         m = _INSTR_RE.match(line)
         if m:
-            dims = tuple(int(d) for d in m.group(3).split(",") if d)
-            comps[cur].append((m.group(1), m.group(2), dims, m.group(4), line))
+            arrs = _arrays(m.group(2))
+            dt, dims = (arrs[0][0], arrs[0][1]) if arrs else ("", ())
+            comps[cur].append((m.group(1), dt, dims, m.group(3), line, m.group(2)))
     return comps
+
+
+def on_chip_bytes(hlo_text: str) -> int:
+    """Bytes of on-chip (``S(1)``, VMEM) operands and results in an optimised TPU module, as
+    the compiler's cost analysis counts them in its "bytes accessed".
+
+    The TPU compiler prefetches weights into VMEM with ``copy-start``/``copy-done``, and its
+    cost analysis then counts such a weight five times: the copy's read and write, the
+    copy-done's operand and result, and the consumer's read, although HBM sees it once. Taking
+    these VMEM accesses out of "bytes accessed" leaves the HBM traffic: for a one-layer
+    projection chain it equals the weights' bytes (``tests/test_step_cost.py``). Instructions
+    inside fusions are not counted (the fusion's operands and result are), as in the cost
+    analysis; ``copy-start`` counts its destination only (its source is the HBM read)."""
+    comps = _computations(hlo_text)
+    fused = set(_CALLS_RE.findall(hlo_text)) - set(_LOOP_CALLS_RE.findall(hlo_text))
+    types = {name: typ for instrs in comps.values() for name, _, _, _, _, typ in instrs}
+    total = 0
+    for cname, instrs in comps.items():
+        if cname in fused:
+            continue
+        for _name, _, _, op, line, typ in instrs:
+            if op in _NO_TRAFFIC:
+                continue
+            if op == "copy-start":  # (destination, source, context)
+                arrs = _arrays(typ)[:1]
+            else:
+                args = line.split(f" {op}(", 1)[1].split(")", 1)[0]
+                arrs = _arrays(typ) + [a for x in re.findall(r"%([\w.\-]+)", args)
+                                       if x in types for a in _arrays(types[x])]
+            total += sum(_nbytes(dt, dims) for dt, dims, chip in arrs if chip)
+    return total
 
 
 def relayout_copies(hlo_text: str, min_bytes: int = 0, shape: tuple | None = None) -> list[dict]:
@@ -78,20 +127,20 @@ def relayout_copies(hlo_text: str, min_bytes: int = 0, shape: tuple | None = Non
     comps = _computations(hlo_text)
     fused = set(_FUSION_CALLS_RE.findall(hlo_text))  # tuple-shaped fusions included
     pure = {name for name in fused
-            if all(op in _PURE_MOVES for _, _, _, op, _ in comps.get(name, [("", "", (), "x", "")]))}
+            if all(ins[3] in _PURE_MOVES for ins in comps.get(name, [("", "", (), "x", "", "")]))}
     want = None if shape is None else sorted(shape)
     out = []
     for cname, instrs in comps.items():
         if cname in fused:
             continue
-        for name, dt, dims, op, line in instrs:
+        for name, dt, dims, op, line, _ in instrs:
             is_move = op in ("copy", "transpose")
             if op == "fusion":
                 called = _CALLS_RE.findall(line)
                 is_move = bool(called) and called[0] in pure
             if not is_move:
                 continue
-            nbytes = math.prod(dims) * _BYTES.get(dt, 4)
+            nbytes = _nbytes(dt, dims)
             if (want is not None and sorted(dims) == want) or (want is None and nbytes >= min_bytes):
                 out.append({"name": name, "computation": cname, "dims": dims, "bytes": nbytes})
     return out
@@ -109,14 +158,22 @@ class StepCost:
     flops: float
     bytes: float  # bytes accessed, the prefix loop's extra trips included
     prefix_extra_bytes: float
+    on_chip_bytes: float  # of ``bytes``, accesses to on-chip (VMEM) arrays: see on_chip_bytes
+    weight_bytes: float  # the base weights a step reads (no heads; the embedding table if tied)
+    live_kv_bytes: float  # K and V of the ``live`` committed slots of every row
     cache_copies: list
     big_copies: list  # other relayout copies >= 32 MB
     compile_s: float
     hlo: str = dataclasses.field(default="", repr=False)  # the optimised HLO, for inspection
 
+    @property
+    def hbm_bytes(self) -> float:
+        """Off-chip traffic: bytes accessed less the on-chip (VMEM) accesses."""
+        return self.bytes - self.on_chip_bytes
+
     def roofline_s(self, chip: str) -> float:
         peak, bw = ROOFLINE_CHIPS[chip]
-        return max(self.flops / peak, self.bytes / bw)
+        return max(self.flops / peak, self.hbm_bytes / bw)
 
 
 def _prefix_extra(cfg: ModelConfig, batch: int, cache_len: int, live: int, T: int,
@@ -237,6 +294,12 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
                 raise
             raise StepCostError(f"does not fit one {target} chip: "
                                 f"{str(e).split('RESOURCE_EXHAUSTED: ')[-1].splitlines()[0]}") from None
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    # what a step reads of the weights: all but the embedding table, of which it gathers a
+    # row per token, unless that table is also the LM head
+    weight_bytes = sum(x.size * x.dtype.itemsize for k, v in base.items()
+                       if k != "embed" or cfg.tie_word_embeddings for x in jax.tree.leaves(v))
+    live_kv = 2 * cfg.num_layers * batch * live * cfg.num_kv_heads * cfg.head_dim * itemsize
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
@@ -248,7 +311,9 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
     return StepCost(kind=kind, target=target, batch=batch, cache_len=cache_len, live=live,
                     tree_nodes=T, flops=float(cost.get("flops", 0.0)) + extra_f,
                     bytes=float(cost.get("bytes accessed", 0.0)) + extra_b,
-                    prefix_extra_bytes=extra_b, cache_copies=copies, big_copies=big,
+                    prefix_extra_bytes=extra_b, on_chip_bytes=float(on_chip_bytes(hlo)),
+                    weight_bytes=float(weight_bytes), live_kv_bytes=float(live_kv),
+                    cache_copies=copies, big_copies=big,
                     compile_s=compile_s, hlo=hlo)
 
 
