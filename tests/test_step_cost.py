@@ -37,6 +37,41 @@ def test_tpu_steps_copy_no_cache_sized_array(wide, batch):
     if batch == 1:  # 4 layers: the heads' own LM heads (4 x 4096 x 32000 bf16, 1 GB) dominate
         heads = 4 * 4096 * 32000 * 2
         assert med.bytes < van.bytes + heads * 1.3
+    # the vanilla step's HBM traffic is the weights it reads plus the live K/V, not the cache
+    floor = van.weight_bytes + van.live_kv_bytes
+    assert abs(van.hbm_bytes / floor - 1) < 0.1, (van.hbm_bytes, floor)
+
+
+@needs_libtpu
+def test_hbm_bytes_count_a_prefetched_weight_once():
+    """One row through q/k/v and then o at 7B width, compiled for a v5p: the compiler
+    prefetches a weight into VMEM and its cost analysis counts that weight several times; the
+    HBM bytes are the weights' and the row's bytes, once."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.layout import Format, Layout
+
+    from medusa_jax.step_cost import _target, on_chip_bytes
+
+    mesh, rep = _target(TPU)
+    shapes = [(1, 4096), (4096, 32, 128), (4096, 32, 128), (4096, 32, 128), (32, 128, 4096)]
+
+    def f(x, q, k, v, o):
+        qkv = sum(jnp.einsum("md,dhk->mhk", x, w) for w in (q, k, v))
+        return jnp.einsum("mhk,hkn->mn", qkv, o)
+
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=rep) for s in shapes]
+    ins = (rep,) + (Format(Layout.AUTO, rep),) * 4
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(f, in_shardings=ins).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    raw = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
+    moved = sum(2 * a.size for a in args) + 2 * 4096  # inputs and the output row, bf16
+    hlo = compiled.as_text()
+    assert "copy-start" in hlo  # the prefetch this guards is there
+    chip = on_chip_bytes(hlo)
+    assert raw > 1.5 * moved  # the raw count is well above what HBM moves
+    assert abs(raw - chip - moved) / moved < 0.02, (raw, chip, moved)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
