@@ -140,3 +140,17 @@ def test_aot_decode_flops_count_every_scanned_layer():
                                   MeshConfig(fsdp=1), **kw)
     assert scanned.extra["xla_flops_as_counted_scanned"] < 0.6 * unrolled.xla_flops
     assert scanned.xla_flops == pytest.approx(unrolled.xla_flops, rel=0.05)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_hbm_bytes_of_a_vanilla_step_agree_between_v5e_and_v5p():
+    """v5e prefetches through asynchronous slices, v5p through copies: the same 2-layer
+    7B-width step moves the same HBM bytes on both, its weights plus the live K/V."""
+    cfg = ModelConfig(**{**aot.MODEL_PRESETS["llama2-7b"], "num_layers": 2}, dtype="bfloat16",
+                      param_dtype="bfloat16", scan_layers=False)
+    e, p = (step_cost(cfg, None, t, batch=1, cache_len=2048) for t in ("v5e:1x1", TPU))
+    assert "slice-start" in e.hlo and "slice-start" not in p.hlo
+    assert abs(e.hbm_bytes / p.hbm_bytes - 1) < 0.02, (e.hbm_bytes, p.hbm_bytes)
+    floor = p.weight_bytes + p.live_kv_bytes
+    assert abs(e.hbm_bytes / floor - 1) < 0.1
