@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                     for tname, tree in trees.items():
                         if tree is None:
                             tree = default_tree(mcfg, backend="gpu", batch=batch)
-                            tname = f"default b{batch} ({1 + len(tree)} nodes)"
+                            tname = f"default b{batch}"
                         try:
                             med = step_cost(cfg, mcfg, target, tree=tree, batch=batch,
                                             cache_len=cache, live=live)
@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                             notes.append(f"{model} {target} batch {batch} cache {cache} {tname}: {e}")
                             print(notes[-1], flush=True)
                             continue
+                        if tname.startswith("default"):
+                            tname = f"default b{batch} ({med.tree_nodes} nodes)"
                         row = {"model": model, "target": target, "batch": batch, "cache": cache,
                                "tree": tname, "nodes": med.tree_nodes,
                                "van_gflops": van.flops / 1e9, "med_gflops": med.flops / 1e9,
