@@ -77,11 +77,15 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=_positive, default=1)
     g.add_argument("--tree", default="default", help="tree name (e.g. mc_sim_7b_63), JSON file, or 'default'")
-    g.add_argument("--acceptance", default=None, choices=["greedy", "typical"],
-                   help="greedy (output identical to plain greedy decoding; the default at "
-                   "temperature 0) or typical (the default above it)")
-    g.add_argument("--posterior-threshold", type=_finite, default=0.09, help="typical acceptance epsilon")
-    g.add_argument("--posterior-alpha", type=_finite, default=0.3, help="typical acceptance delta")
+    g.add_argument("--acceptance", default=None, choices=["greedy", "typical", "lossless"],
+                   help="greedy: output identical to plain greedy decoding (the default at "
+                   "temperature 0); lossless: output distributed exactly as sampling from the "
+                   "model (the default above temperature 0; at 0 it is greedy); typical: the "
+                   "Medusa paper's rule, accepts more but changes the distribution")
+    g.add_argument("--posterior-threshold", type=_finite, default=0.09,
+                   help="typical acceptance epsilon, in (0, 1] (default 0.09)")
+    g.add_argument("--posterior-alpha", type=_finite, default=0.3,
+                   help="typical acceptance delta, > 0 (default 0.3)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="one JSON object per prompt")
     o.add_argument("--compare", action="store_true",
@@ -174,11 +178,12 @@ def check_inputs(args):
         if heads is None:
             raise ValueError("--tree needs Medusa heads: drop it, or give heads with --medusa")
         check_tree(args.tree)
-    acceptance = resolve_acceptance(args.acceptance, args.temperature) if heads else None
-    if heads and args.temperature > 0 and args.acceptance is None:
-        print("note: temperature > 0, so Medusa uses typical acceptance (the paper's rule: "
-              "fast, close to but not exactly the model's sampling distribution; --medusa none "
-              "samples exactly)", file=sys.stderr)
+    acceptance = None
+    if heads:
+        from medusa_jax.decoding.acceptance import get_rule
+
+        acceptance = resolve_acceptance(args.acceptance, args.temperature)
+        get_rule(acceptance, args.posterior_threshold, args.posterior_alpha)  # ranges, now
     cfg = load_model_config(model)
     tok = load_tokenizer(tokenizer or model)
     ids = []

@@ -150,14 +150,16 @@ class MedusaLM:
 
     def generate(self, prompts: str | Sequence[str | Sequence[int]], max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                 medusa: bool | None = None, tree="default", acceptance: str | None = None,
+                 medusa: bool | None = None, tree="default", acceptance=None,
                  posterior_threshold: float = 0.09, posterior_alpha: float = 0.3,
                  chat: bool = True, stream: Callable[[int, str], None] | None = None,
                  stream_every: int = 8) -> list[Generation]:
         """Generate for a batch of prompts (texts, or token-id lists; a single string is one
-        prompt). ``medusa=None`` uses the heads when attached. ``acceptance=None`` is greedy at
-        ``temperature=0`` and typical acceptance above it (greedy acceptance would ignore the
-        temperature); an explicit ``"greedy"`` with ``temperature > 0`` is refused.
+        prompt). ``medusa=None`` uses the heads when attached. ``acceptance`` is a rule of
+        :mod:`medusa_jax.decoding.acceptance` or its name (``greedy``, ``typical``,
+        ``lossless``); ``None`` is greedy at ``temperature=0`` and lossless above it (output
+        distributed exactly as sampling from the model); ``"greedy"`` with ``temperature > 0``
+        is refused.
         ``stream(row, new_text)`` is called as text is produced. A Ctrl-C (or a notebook's
         interrupt) stops within a few steps and returns what was generated, marked
         ``interrupted``. ``seconds`` is prefill + decode, ``tokens_per_second`` the decode rate."""
@@ -238,15 +240,17 @@ def default_dtype(backend: str | None = None) -> str:
     return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
-def resolve_acceptance(acceptance: str | None, temperature: float) -> str:
-    """The acceptance rule to use: ``None`` picks greedy at temperature 0 and typical above it;
-    greedy with a temperature is refused (it would silently decode greedily)."""
+def resolve_acceptance(acceptance, temperature: float):
+    """The acceptance rule to use (a name or a rule object): ``None`` picks greedy at
+    temperature 0 and lossless above it (exactly the model's sampling distribution); greedy
+    with a temperature is refused (it would silently decode greedily)."""
     if acceptance is None:
-        return "greedy" if temperature == 0 else "typical"
-    if acceptance == "greedy" and temperature > 0:
+        return "greedy" if temperature == 0 else "lossless"
+    if getattr(acceptance, "name", acceptance) == "greedy" and temperature > 0:
         raise GenerationError(
             f"greedy acceptance takes the argmax and would ignore temperature={temperature}: use "
-            "acceptance='typical' (--acceptance typical) or temperature 0")
+            "acceptance='lossless' (--acceptance lossless, the default with a temperature), "
+            "'typical', or temperature 0")
     return acceptance
 
 

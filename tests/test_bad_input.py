@@ -103,13 +103,36 @@ def test_context_is_checked_before_the_weights_load(monkeypatch, capsys):
     assert rc == 2 and "exceeds the model's context" in err
 
 
-def test_sampling_with_heads_uses_typical_acceptance_and_says_so(monkeypatch, capsys):
+def test_sampling_with_heads_uses_lossless_acceptance(monkeypatch, capsys):
     args = decode.parse_args(["--prompt", "hi", "--temperature", "0.7"])
     prompts, ids, (model, heads, tok), acceptance = decode.check_inputs(args)
-    assert heads is not None and acceptance == "typical"
-    assert "typical acceptance" in capsys.readouterr().err
+    assert heads is not None and acceptance == "lossless"
     args = decode.parse_args(["--prompt", "hi"])
     assert decode.check_inputs(args)[3] == "greedy"
+    args = decode.parse_args(["--prompt", "hi", "--acceptance", "lossless"])  # allowed at T = 0
+    assert decode.check_inputs(args)[3] == "lossless"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--acceptance", "typical", "--temperature", "0.7", "--posterior-threshold", "1.5"],
+     "threshold"),
+    (["--acceptance", "typical", "--temperature", "0.7", "--posterior-threshold", "0"],
+     "threshold"),
+    (["--acceptance", "typical", "--temperature", "0.7", "--posterior-alpha", "-1"], "alpha"),
+])
+def test_typical_parameters_out_of_range(monkeypatch, capsys, flags, words):
+    rc, err = _main(monkeypatch, capsys, "--prompt", "hi", *flags)
+    assert rc == 2 and words in err and err.count("error:") == 1
+
+
+def test_unknown_acceptance_rule(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        decode.parse_args(["--prompt", "hi", "--acceptance", "nucleus"])
+    assert e.value.code == 2 and "nucleus" in capsys.readouterr().err
+    from medusa_jax.decoding.acceptance import AcceptanceError, get_rule
+
+    with pytest.raises(AcceptanceError, match="unknown acceptance rule 'nucleus'"):
+        get_rule("nucleus")
 
 
 def test_the_default_model_named_explicitly_keeps_its_shipped_heads(real_gguf_path):
@@ -168,7 +191,7 @@ def test_api_refuses_greedy_acceptance_with_a_temperature(tiny_lm):
 
     with pytest.raises(GenerationError, match="would ignore temperature"):
         tiny_lm.generate([[3, 4]], max_new_tokens=2, temperature=0.8, acceptance="greedy")
-    out = tiny_lm.generate([[3, 4]], max_new_tokens=2, temperature=0.8)  # typical, chosen
+    out = tiny_lm.generate([[3, 4]], max_new_tokens=2, temperature=0.8)  # lossless, chosen
     assert out[0].num_new_tokens >= 1
 
 

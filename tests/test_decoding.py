@@ -435,3 +435,43 @@ def test_eos_ids_given_as_list_are_normalised():
     g = GenerationSettings(max_new_tokens=MAX_NEW, eos_token_ids=[2, 3])
     assert g.eos_token_ids == (2, 3)
     hash(g)
+
+
+# ----------------------------------------------------------------------------- 8. lossless
+
+
+@pytest.mark.parametrize("temp", [0.0, 1e-4], ids=["T0", "T1e-4"])
+def test_lossless_cold_is_greedy(temp, tiny_cfg, mcfg, mparams, greedy4):
+    g = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=temp))
+    st = make_settings(CUSTOM_TREE, 4, g, acceptance="lossless")
+    res = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=11)
+    assert res["tokens"] == greedy4["tokens"]
+    _check_stats(res, len(PROMPTS), 3)
+
+
+def test_lossless_seeded_and_rows_independent(tiny_cfg, mcfg, mparams, greedy4):
+    g = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(0.9, top_p=0.9))
+    st = make_settings(CUSTOM_TREE, 4, g, acceptance="lossless")
+    a = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=5)
+    b = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=5)
+    c = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=6)
+    assert a["tokens"] == b["tokens"] and a["tokens"] != c["tokens"]
+    assert a["tokens"] != greedy4["tokens"]
+    _check_stats(a, len(PROMPTS), 3)
+    # a row's tokens do not depend on what the other rows hold
+    others = [PROMPTS[0], [7, 7, 7, 7, 7, 7, 7], [11], PROMPTS[1][::-1] + [1] * 5]
+    d = medusa_generate(tiny_cfg, mcfg, mparams, others, st, seed=5)
+    assert d["tokens"][0] == a["tokens"][0]
+    assert d["tokens"][1:] != a["tokens"][1:]
+
+
+def test_lossless_perfect_draft_accepts_full_depth(tiny_cfg, mcfg, mparams, naive_long, greedy4):
+    """Drafts that are the argmax under a near-zero temperature are accepted to full depth."""
+    g = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=1e-3))
+    st = make_settings("mc_sim_7b_63", 4, g, acceptance="lossless")
+    depth = st.tree.depth
+    params = dict(mparams, oracle=jnp.asarray(np.array(naive_long, np.int32)))
+    res = medusa_generate(tiny_cfg, mcfg, params, PROMPTS, st, seed=2, propose=oracle_propose)
+    assert res["tokens"] == greedy4["tokens"]
+    hist, steps = np.asarray(res["accept_hist"]), np.asarray(res["steps"])
+    np.testing.assert_array_equal(hist[:, depth + 1], steps)

@@ -1,10 +1,12 @@
 """Medusa tree decoding: one jitted, static-shape ``lax.while_loop``.
 
-Each step, per row: root token from the base logits at the last accepted position; the heads'
-top-k at that position; tree tokens gathered from ``[root, head0 top-k, head1 top-k, ...]``; one
-verification forward over all ``T`` tree nodes (static tree mask, positions = length + depth);
-the acceptance rule picks a path and ``n`` tokens; their K/V slots are compacted into the cache;
-the next step's root logits and head inputs are the accepted leaf's (no extra forward).
+Each step, per row: the root token (drawn by the acceptance rule after the last accepted
+position); the heads' top-k at that position; tree tokens gathered from ``[root, head0 top-k,
+head1 top-k, ...]``; one verification forward over all ``T`` tree nodes (static tree mask,
+positions = length + depth); the acceptance rule (:mod:`medusa_jax.decoding.acceptance`) picks
+a path, its ``n`` tokens and the token after them (the next root); the path's K/V slots are
+committed to the cache; the next step's head input is the accepted leaf's hidden state (no
+extra forward).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from flax import struct
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.decoding.acceptance import greedy_accept, typical_accept
+from medusa_jax.decoding.acceptance import RULES, AcceptanceError, Rule, get_rule
 from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
@@ -32,13 +34,12 @@ from medusa_jax.decoding.common import (
     prefill,
     trim_outputs,
 )
-from medusa_jax.decoding.sampling import sample
 from medusa_jax.model.cache import KVCache
 from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.tree import TreeBuffers, TreeError, build_tree, get_tree
 
-ACCEPTANCE_RULES = ("greedy", "typical")
+ACCEPTANCE_RULES = tuple(RULES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,18 +48,18 @@ class MedusaSettings:
 
     gen: GenerationSettings = GenerationSettings()
     choices: tuple[tuple[int, ...], ...] = ()
-    acceptance: str = "greedy"
+    # a rule object (:mod:`medusa_jax.decoding.acceptance`) or its name; a name becomes the
+    # object here (``typical`` with ``posterior_threshold`` / ``posterior_alpha``)
+    acceptance: Rule | str = "greedy"
     posterior_threshold: float = 0.09
     posterior_alpha: float = 0.3
 
     def __post_init__(self):
-        if self.acceptance not in ACCEPTANCE_RULES:
-            raise GenerationError(
-                f"acceptance={self.acceptance!r} is not one of {', '.join(ACCEPTANCE_RULES)}")
-        if self.acceptance == "typical" and not 0 < self.posterior_threshold <= 1:
-            raise GenerationError(f"posterior_threshold must be in (0, 1], got {self.posterior_threshold}")
-        if self.acceptance == "typical" and not self.posterior_alpha > 0:
-            raise GenerationError(f"posterior_alpha must be > 0, got {self.posterior_alpha}")
+        try:
+            rule = get_rule(self.acceptance, self.posterior_threshold, self.posterior_alpha)
+        except AcceptanceError as e:
+            raise GenerationError(str(e)) from None
+        object.__setattr__(self, "acceptance", rule)
         object.__setattr__(self, "choices", tuple(tuple(int(r) for r in c) for c in self.choices))
 
     @property
@@ -100,7 +101,7 @@ def check_tree(tree, num_heads: int | None = None, proposal_size: int | None = N
 @struct.dataclass
 class MedusaState:
     cache: KVCache
-    logits: jax.Array  # [B, V] base logits at the last accepted position
+    root: jax.Array  # [B] the next step's root: the token after the last accepted one
     hidden: jax.Array  # [B, D] base hidden state there (the heads' input)
     out: jax.Array  # [B, max_new]
     n_out: jax.Array  # [B]
@@ -160,11 +161,8 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     depth = tree.depth
     model = LlamaModel(cfg)
     sc = settings.gen.sampling
-    rng, k_root = jax.random.split(s.rng)
-    if settings.acceptance == "greedy" or sc.greedy:
-        root = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)  # [B]
-    else:
-        root = sample(s.logits, k_root, sc)
+    rng, k_accept = jax.random.split(s.rng)
+    root = s.root  # [B]
     B = root.shape[0]
     cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
     flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
@@ -177,11 +175,9 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
         np.asarray(tree.attn_mask))  # [B, T, D], [L, B, T, K, H] x 2
     logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)  # [B, T, V]
 
-    if settings.acceptance == "greedy" or sc.greedy:
-        best, n = greedy_accept(tree_tokens, logits, tree)
-    else:
-        best, n = typical_accept(tree_tokens, logits, tree, sc.temperature,
-                                 settings.posterior_threshold, settings.posterior_alpha)
+    # the rule picks the path, its length and the token after it (per-row randomness: the key
+    # is split over rows inside the rule's draws)
+    best, n, next_root = settings.acceptance.accept(tree_tokens, logits, tree, sc, k_accept)
     path = jnp.take(np.asarray(tree.retrieve_indices), best, axis=0)  # [B, depth+1]
     path = jnp.where(path >= 0, path, 0)
     toks = jnp.take_along_axis(tree_tokens, path, axis=1)  # [B, depth+1]
@@ -190,10 +186,9 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
                                        settings.gen.max_new_tokens)
     cache = cache.commit_tree(tree_k, tree_v, path, jnp.where(live, n, 0))
     leaf = jnp.take_along_axis(path, (n - 1)[:, None], axis=1)  # [B, 1]
-    new_logits = jnp.take_along_axis(logits, leaf[:, :, None], axis=1)[:, 0]
     new_hidden = jnp.take_along_axis(hidden, leaf[:, :, None], axis=1)[:, 0]
     hist = s.hist.at[jnp.arange(B), n].add(live.astype(jnp.int32))
-    return MedusaState(cache, new_logits, new_hidden, out, n_out, done, rng, s.step + 1,
+    return MedusaState(cache, next_root, new_hidden, out, n_out, done, rng, s.step + 1,
                        s.row_steps + live.astype(jnp.int32), hist)
 
 
@@ -206,8 +201,10 @@ def _medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
     hidden, cache = prefill(model, params["base"], tokens, prompt_lens, cache)
     logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)
     depth = settings.tree.depth
+    rng, k_root = jax.random.split(rng)
+    root = settings.acceptance.first_root(logits, k_root, settings.gen.sampling)
     return MedusaState(
-        cache, logits, hidden,
+        cache, root, hidden,
         out=jnp.full((B, settings.gen.max_new_tokens), settings.gen.pad_token_id, jnp.int32),
         n_out=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool), rng=rng,
         step=jnp.int32(0), row_steps=jnp.zeros((B,), jnp.int32),
