@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
+HEAD_TYPES = ("medusa", "hydra")
 
 
 class ConfigError(ValueError):
@@ -290,7 +291,11 @@ def tiny_config(**overrides) -> ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class MedusaConfig:
     """``num_heads`` heads (M), each ``num_layers`` ResBlocks then a vocab projection: the base
-    model's LM head (``shared_lm_head``, the default) or the head's own ``[D, V]`` matrix."""
+    model's LM head (``shared_lm_head``, the default) or the head's own ``[D, V]`` matrix.
+
+    ``head_type``: ``"medusa"`` (head k sees only the hidden state h_t) or ``"hydra"`` (head k
+    also sees the base model's input embeddings, width ``embed_size``, of the tokens t+1 .. t+k
+    on its path, so the tree is drafted depth by depth; see :mod:`medusa_jax.model.heads`)."""
 
     num_heads: int = 4
     num_layers: int = 1
@@ -303,8 +308,21 @@ class MedusaConfig:
     # projection costs about as much as a whole base-model step. Verification still uses the
     # full vocabulary, so greedy output is unchanged; only proposals outside the set are lost.
     draft_ids: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    head_type: str = "medusa"
+    embed_size: int | None = None  # hydra: width of the base input embeddings (None: hidden_size)
 
     def __post_init__(self):
+        _check(self.head_type in HEAD_TYPES,
+               f"medusa head_type={self.head_type!r} is not one of {', '.join(HEAD_TYPES)}")
+        if self.head_type == "hydra" and self.embed_size is None:
+            object.__setattr__(self, "embed_size", self.hidden_size)
+        if self.head_type == "medusa":
+            _check(self.embed_size is None, "medusa embed_size is for head_type='hydra' only")
+        else:
+            _check(isinstance(self.embed_size, int) and self.embed_size > 0,
+                   f"medusa embed_size must be an integer > 0, got {self.embed_size!r}")
+            _check(self.shared_lm_head, "hydra heads need shared_lm_head=True (they project "
+                   "through the base model's LM head)")
         if self.draft_ids is not None:
             ids = tuple(int(i) for i in self.draft_ids)
             object.__setattr__(self, "draft_ids", ids)
@@ -327,13 +345,21 @@ class MedusaConfig:
         return cls(hidden_size=model.hidden_size, vocab_size=model.vocab_size, **kw)
 
     def check_compatible(self, model: ModelConfig) -> None:
-        """Refuse heads built for another model (hidden size or vocabulary)."""
+        """Refuse heads built for another model (hidden size, vocabulary, embedding width)."""
         _check(self.hidden_size == model.hidden_size,
                f"Medusa heads have hidden size {self.hidden_size} but the base model has "
                f"{model.hidden_size}: these heads were trained for another model")
         _check(self.vocab_size == model.vocab_size,
                f"Medusa heads have vocab size {self.vocab_size} but the base model has "
                f"{model.vocab_size}: these heads were trained for another model")
+        # Llama-family input embeddings are hidden_size wide; hydra heads read them
+        _check(self.embed_size is None or self.embed_size == model.hidden_size,
+               f"Hydra heads read token embeddings of width {self.embed_size} but the base "
+               f"model's are {model.hidden_size} wide: these heads were trained for another model")
+
+    @property
+    def is_hydra(self) -> bool:
+        return self.head_type == "hydra"
 
     @property
     def draft_size(self) -> int:

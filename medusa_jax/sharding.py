@@ -54,6 +54,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("medusa_heads", None),
     ("medusa_layers", None),
+    ("medusa_path", None),
 )
 
 

@@ -3,7 +3,9 @@
 A tree is a list of paths ("choices"). Path ``[a, b, c]`` is the node reached by taking rank ``a``
 of head 0's top-k, then rank ``b`` of head 1, then rank ``c`` of head 2, all read at the last
 accepted position. The root (node 0) is the token the base model itself predicts; a node whose
-path has length d sits at depth d. Everything here is plain numpy so the buffers can be built once
+path has length d sits at depth d. (With Hydra heads a rank is the rank among the parent node's
+candidates instead: head d runs on each depth-d node's own path; the ``TreeBuffers`` fields
+``ancestors``, ``expand_nodes``, ``level_topk``, ``level_indices`` serve that.) Everything here is plain numpy so the buffers can be built once
 on the host and handed to jitted code as constants.
 """
 
@@ -104,6 +106,18 @@ class TreeBuffers:
     - ``parent`` int32 [T]: parent node index, -1 for the root.
     - ``rank`` int32 [T]: last element of the path (the top-k rank in its head), -1 for the root.
     - ``num_children`` int32 [T]: number of children of each node (0 for leaves).
+
+    For depth-by-depth drafting (Hydra heads: a node's rank is its rank among its parent's
+    candidates), with depth d = 1..D in entry d-1 of each tuple:
+
+    - ``ancestors`` int32 [T, D+1]: node indices root -> node (the node last), padded with -1.
+    - ``expand_nodes`` tuple of int32 [P_d]: the nodes at depth d-1 that have children, in node
+      order (head d-1 runs once over these).
+    - ``level_topk`` tuple of int: how many candidates each of those nodes needs (max rank at
+      depth d, plus one).
+    - ``level_indices`` int32 [T]: a depth-d node's index into that depth's flat candidates
+      ``[P_d * level_topk]`` (its parent's slot in ``expand_nodes`` times ``level_topk`` plus
+      its rank); 0 for the root. Depth d's nodes are the contiguous ``level_slice(d)``.
     """
 
     paths: tuple[TreePath, ...]
@@ -118,6 +132,16 @@ class TreeBuffers:
     parent: np.ndarray
     rank: np.ndarray
     num_children: np.ndarray
+    ancestors: np.ndarray
+    expand_nodes: tuple[np.ndarray, ...]
+    level_topk: tuple[int, ...]
+    level_indices: np.ndarray
+
+    def level_slice(self, d: int) -> slice:
+        """The nodes at depth ``d`` (contiguous: nodes are ordered by depth)."""
+        lo = int(np.searchsorted(self.depth_offsets, d, side="left"))
+        hi = int(np.searchsorted(self.depth_offsets, d, side="right"))
+        return slice(lo, hi)
 
     @property
     def num_paths(self) -> int:
@@ -193,6 +217,21 @@ def build_tree(
         retrieve[row, : len(chain)] = chain
         lengths[row] = len(chain)
 
+    ancestors = np.full((t, depth + 1), -1, dtype=np.int32)
+    for i, p in enumerate(order):
+        ancestors[i, : len(p) + 1] = [index[p[:j]] for j in range(len(p) + 1)]
+    expand, level_topk = [], []
+    level_indices = np.zeros(t, dtype=np.int32)
+    for d in range(1, depth + 1):
+        nodes = [i for i in range(t) if len(order[i]) == d]
+        parents = sorted({int(parent[i]) for i in nodes})
+        slot = {q: j for j, q in enumerate(parents)}
+        kd = max(int(rank[i]) for i in nodes) + 1
+        for i in nodes:
+            level_indices[i] = slot[int(parent[i])] * kd + int(rank[i])
+        expand.append(_frozen(np.asarray(parents, dtype=np.int32)))
+        level_topk.append(kd)
+
     return TreeBuffers(
         paths=tuple(order),
         num_nodes=t,
@@ -206,6 +245,10 @@ def build_tree(
         parent=_frozen(parent),
         rank=_frozen(rank),
         num_children=_frozen(num_children),
+        ancestors=_frozen(ancestors),
+        expand_nodes=tuple(expand),
+        level_topk=tuple(level_topk),
+        level_indices=_frozen(level_indices),
     )
 
 

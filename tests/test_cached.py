@@ -18,6 +18,7 @@ from medusa_jax.decoding.vanilla import generate
 from medusa_jax.model.heads import init_medusa_params
 from medusa_jax.training.cached import (
     HiddenSet,
+    _base_logits,
     _heads_stats,
     _load_hidden,
     _save_hidden,
@@ -25,6 +26,7 @@ from medusa_jax.training.cached import (
     collect_hidden,
     draft_coverage,
     evaluate_cached,
+    minibatch,
     train_cached,
 )
 from medusa_jax.training.loop import Trainer, _eval_fn
@@ -68,21 +70,29 @@ def test_draft_ids_are_validated_and_survive_a_save(tmp_path):
     assert loaded == mcfg and loaded.draft_ids == (1, 4, 6)
 
 
-@pytest.mark.parametrize("draft", [0, 8], ids=["full_vocab", "draft8"])
-def test_cached_loss_equals_the_trainer_loss(tmp_path, data_file, draft):
-    tr = Trainer(config(tmp_path, data_file, f"medusa.draft_vocab_size={draft}"))
+@pytest.mark.parametrize("head_type,draft", [("medusa", 0), ("medusa", 8), ("hydra", 0),
+                                             ("hydra", 8)],
+                         ids=["full_vocab", "draft8", "hydra", "hydra_draft8"])
+def test_cached_loss_equals_the_trainer_loss(tmp_path, data_file, head_type, draft):
+    tr = Trainer(config(tmp_path, data_file, f"medusa.draft_vocab_size={draft}",
+                        f"medusa.head_type={head_type}"))
     mcfg, tcfg = tr.medusa_cfg, tr.tcfg
+    assert mcfg.head_type == head_type
     assert (mcfg.draft_ids is None) == (draft == 0)
     if draft:  # chosen from the training targets, end-of-turn forced in
         assert len(mcfg.draft_ids) <= draft and set(tr.model_cfg.eos_token_ids) <= set(mcfg.draft_ids)
     heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(1), scale=0.3)
+    if mcfg.is_hydra:  # the tiny embeddings are ~0.02: make the path inputs weigh something
+        heads = dict(heads, in_embed=heads["in_embed"] * 40.0)
     bs = tcfg.batch_size
     batch = {k: v[:bs] for k, v in tr.data.train.items()}
     ref = jax.device_get(_eval_fn(tr.model_cfg, mcfg, tcfg)({"base": tr.base_host, "medusa": heads},
                                                           batch))
     cached = collect_hidden(tr.model_cfg, tr.base_host, batch, mcfg.num_heads, bs)
     lm = tr.base_host["lm_head"]
-    stats, missed = _heads_stats(mcfg, tcfg, heads, lm, cached.hidden, cached.targets)
+    emb = tr.base_host["embed"]["embedding"]
+    stats, missed = _heads_stats(mcfg, tcfg, heads, lm, cached.hidden, cached.targets,
+                                 cached.tokens, emb)
     ce, top1, _, count = (np.array([float(s[i]) for s in stats]) for i in range(4))
     np.testing.assert_array_equal(count, ref["count"])
     np.testing.assert_allclose(ce, ref["ce"], rtol=2e-5)
@@ -172,3 +182,113 @@ def test_a_truncated_hidden_state_cache_is_recomputed(tmp_path, caplog):
         f.truncate(os.path.getsize(path) // 2)
     assert _load_hidden(path) is None
     assert "damaged hidden-state cache" in caplog.text and "BadZipFile" in caplog.text
+
+
+def _check_rows(hs: HiddenSet):
+    """The documented links between the fields: targets are the path's later tokens, a teacher
+    row's next token is the target it teaches, and it is the row k+1 places further on."""
+    n, M = hs.targets.shape
+    assert hs.tokens.shape == (n, M + 1) and hs.teacher.shape == (n, M)
+    has = hs.targets >= 0
+    np.testing.assert_array_equal(hs.targets[has], hs.tokens[:, 1:][has])
+    np.testing.assert_array_equal(hs.teacher >= 0, has)
+    r, k = np.nonzero(has)
+    np.testing.assert_array_equal(hs.tokens[hs.teacher[r, k], 0], hs.targets[r, k])
+    # one answer's rows in order: the teacher is further on, by k + 1 rows unless a position
+    # in between was no target's (a turn that is not the model's)
+    assert np.all((hs.teacher[r, k] > r) & (hs.teacher[r, k] <= r + k + 1))
+    return has
+
+
+def test_hidden_set_from_answers_and_collected_rows(tmp_path, data_file):
+    hid = [np.arange(8, dtype=np.float32).reshape(4, 2), np.ones((2, 2), np.float32)]
+    hs = HiddenSet.from_answers(hid, [np.array([5, 6, 7, 8]), np.array([9, 10])], num_heads=2)
+    assert len(hs) == 6
+    np.testing.assert_array_equal(hs.tokens[0], [5, 6, 7])
+    np.testing.assert_array_equal(hs.targets[:, 0], [6, 7, 8, -1, 10, -1])
+    np.testing.assert_array_equal(hs.teacher[:, 1], [2, 3, -1, -1, -1, -1])
+    _check_rows(hs)
+    with pytest.raises(ValueError, match="answer 1 has 3 tokens"):
+        HiddenSet.from_answers(hid, [np.array([5, 6, 7, 8]), np.array([9, 10, 11])], 2)
+
+    tr = Trainer(config(tmp_path, data_file))
+    bs = tr.tcfg.batch_size
+    batch = {k: v[:bs] for k, v in tr.data.train.items()}
+    cached = collect_hidden(tr.model_cfg, tr.base_host, batch, 3, bs)
+    has = _check_rows(cached)
+    assert has.any(0).all()
+    np.testing.assert_array_equal(hs.teacher[:, 0], np.where(hs.targets[:, 0] >= 0,
+                                                             np.arange(6) + 1, -1))
+    b = minibatch(cached, np.arange(5), tr.medusa_cfg, "base")
+    assert b["teacher_hidden"].shape == (5, 3, tr.model_cfg.hidden_size) and "tokens" not in b
+
+
+def test_base_target_is_the_base_distribution(tmp_path, data_file):
+    """``head_target: base``: each head's CE is against softmax(LM head(teacher state)), over
+    every position with a target; a head that reproduces the teacher's logits has the lowest."""
+    tr = Trainer(config(tmp_path, data_file, "medusa.draft_vocab_size=8"))
+    mcfg, tcfg = tr.medusa_cfg, tr.tcfg
+    bs = tcfg.batch_size
+    batch = {k: v[:bs] for k, v in tr.data.train.items()}
+    cached = collect_hidden(tr.model_cfg, tr.base_host, batch, mcfg.num_heads, bs)
+    b = minibatch(cached, np.arange(len(cached)), mcfg, "base")
+    lm = tr.base_host["lm_head"]
+    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(1), scale=0.3)
+    stats, _ = _heads_stats(mcfg, tcfg, heads, lm, b["hidden"], b["targets"],
+                            teacher_hidden=b["teacher_hidden"])
+    from medusa_jax.training.cached import _logits_and_targets
+
+    logits = np.asarray(_logits_and_targets(mcfg, heads, lm, b["hidden"], b["targets"])[0], np.float64)
+    t = np.asarray(_base_logits(mcfg, lm, b["teacher_hidden"]), np.float64)  # [n, M, V']
+    p = np.exp(t - t.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    logq = logits - logits.max(-1, keepdims=True)
+    logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+    has = b["targets"] >= 0
+    for k in range(mcfg.num_heads):
+        want = -(p[:, k] * logq[:, k]).sum(-1)[has[:, k]].sum()
+        np.testing.assert_allclose(float(stats[k][0]), want, rtol=1e-4)
+        assert float(stats[k][3]) == has[:, k].sum()
+    # logits equal to the teacher's: the CE is the teacher's entropy, below the random heads'
+    ent = -(p * np.log(np.maximum(p, 1e-30))).sum(-1)
+    assert all((ent[:, k][has[:, k]].sum() < float(stats[k][0])) for k in range(mcfg.num_heads))
+
+
+def test_cached_hydra_run_with_base_targets(tmp_path, data_file):
+    cfg = config(tmp_path, data_file, "train.cache_hidden=true", "medusa.head_type=hydra",
+                 "train.head_target=base", "medusa.draft_vocab_size=48", "train.steps=30",
+                 "train.token_batch=64", "train.heads_lr=0.05", "log.every_steps=5")
+    summary = train_cached(cfg)
+    assert summary["head_type"] == "hydra" and summary["head_target"] == "base"
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert "heads_v1" not in summary["exports"]  # that layout cannot hold Hydra heads
+    mcfg, heads = load_heads(summary["exports"]["heads"])
+    assert mcfg.is_hydra and "in_embed" in heads
+    ev = summary["eval"]
+    cond, count = np.asarray(ev["head_cond_top1"]), np.asarray(ev["head_cond_count"])
+    assert cond.shape == (3,) and np.all((cond >= 0) & (cond <= 1))
+    assert count[0] == ev["head_count"][0]
+    for k in range(1, 3):  # head k is counted only where every earlier head was right
+        assert count[k] <= cond[k - 1] * count[k - 1] + 1e-6
+    np.testing.assert_allclose(cond[0], ev["head_top1"][0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ev["head_cond_rank_acc"])[:, 0], cond, atol=1e-4)
+    meta = json.loads(open(os.path.join(summary["exports"]["heads"], "medusa_config.json")).read())
+    assert meta["metadata"]["eval"]["head_cond_top1"] == ev["head_cond_top1"]
+
+    tr = Trainer(config(tmp_path / "ref", data_file))
+    params = {"base": tr.base_host, "medusa": heads}
+    gen = GenerationSettings(max_new_tokens=24, eos_token_ids=tuple(tr.model_cfg.eos_token_ids))
+    prompts = [list(b"count from 7"), list(b"count from 31 please")]
+    want = generate(tr.model_cfg, tr.base_host, prompts, gen)["tokens"]
+    settings = make_settings([[0], [1], [0, 0], [0, 1], [0, 0, 0]], mcfg.num_heads, gen)
+    assert medusa_generate(tr.model_cfg, mcfg, params, prompts, settings)["tokens"] == want
+
+
+def test_head_target_base_needs_cached_states():
+    from medusa_jax.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="head_target='base' needs cache_hidden=True"):
+        TrainConfig(head_target="base")
+    with pytest.raises(ConfigError, match="head_target='logits' must be one of"):
+        TrainConfig(head_target="logits", cache_hidden=True)

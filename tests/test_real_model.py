@@ -103,6 +103,19 @@ def test_medusa_heads_equal_vanilla(scanned, prompt_ids, vanilla_out, scale):
     assert np.asarray(res["accept_hist"]).sum(-1).tolist() == res["steps"]
 
 
+def test_hydra_heads_equal_vanilla(scanned, prompt_ids, vanilla_out):
+    """Random Hydra heads (each told its path's tokens, drafted depth by depth) give exactly
+    the vanilla greedy tokens on the real model."""
+    cfg, params = scanned
+    mcfg = MedusaConfig.for_model(cfg, num_heads=4, head_type="hydra")
+    heads = init_medusa_params(mcfg, rng=jax.random.PRNGKey(3), scale=0.02)
+    gen = GenerationSettings(max_new_tokens=NEW, pad_token_id=2)
+    st = make_settings([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]], 4, gen)
+    res = medusa_generate(cfg, mcfg, {"base": params, "medusa": heads}, prompt_ids, st)
+    assert res["tokens"] == vanilla_out
+    assert np.asarray(res["accept_hist"]).sum(-1).tolist() == res["steps"]
+
+
 def test_shipped_heads_accept_more_and_equal_vanilla(scanned, prompt_ids, vanilla_out):
     """The heads shipped in the package load for the default model, carry the trees chosen for
     CPU and GPU, decode exactly like vanilla greedy with the CPU tree and accept clearly more

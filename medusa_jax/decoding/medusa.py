@@ -2,11 +2,12 @@
 
 Each step, per row: the root token (drawn by the acceptance rule after the last accepted
 position); the heads' top-k at that position; tree tokens gathered from ``[root, head0 top-k,
-head1 top-k, ...]``; one verification forward over all ``T`` tree nodes (static tree mask,
-positions = length + depth); the acceptance rule (:mod:`medusa_jax.decoding.acceptance`) picks
-a path, its ``n`` tokens and the token after them (the next root); the path's K/V slots are
-committed to the cache; the next step's head input is the accepted leaf's hidden state (no
-extra forward).
+head1 top-k, ...]`` (Hydra heads: depth by depth, head d run once over the depth-d nodes that
+have children, each told its path's tokens, see :func:`hydra_proposer`); one verification
+forward over all ``T`` tree nodes (static tree mask, positions = length + depth); the acceptance
+rule (:mod:`medusa_jax.decoding.acceptance`) picks a path, its ``n`` tokens and the token after
+them (the next root); the path's K/V slots are committed to the cache; the next step's head
+input is the accepted leaf's hidden state (no extra forward).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from medusa_jax.decoding.common import (
     trim_outputs,
 )
 from medusa_jax.model.cache import KVCache
-from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits
+from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits, hydra_hidden
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.tree import TreeBuffers, TreeError, build_tree, get_tree
 
@@ -140,6 +141,55 @@ def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int, depth: 
     return propose
 
 
+@functools.lru_cache(maxsize=32)
+def hydra_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, choices: tuple[tuple[int, ...], ...]):
+    """The proposer for Hydra heads: ``propose(params, hidden, state, root) -> [B, T]`` tree
+    tokens (it carries ``drafts_tree = True``; ``_step`` then skips the Medusa gather).
+
+    The tree is drafted depth by depth: at depth d the nodes at depth d-1 that have children
+    (``tree.expand_nodes``) know their path tokens, so head d-1 runs once over all of them in one
+    batched call; each takes its top ``level_topk`` and the depth-d nodes pick theirs by static
+    gathers (``level_indices``). A node's rank is thus its rank among its parent's candidates."""
+    if not mcfg.is_hydra:
+        raise GenerationError(f"hydra_proposer needs Hydra heads, got head_type={mcfg.head_type!r}")
+    tree = _tree(choices)
+
+    def propose(params, hidden, state, root):
+        model = LlamaModel(base_cfg)
+        medusa, base = params["medusa"], params["base"]
+        embedding = base["embed"]["embedding"]  # [V, E]: the base model's input embeddings
+
+        def base_proj(x):
+            return model.apply({"params": base}, x, method=LlamaModel.logits)
+
+        lm = lm_head_weight(base, base_cfg) if mcfg.draft_ids is not None else None
+        B = root.shape[0]
+        tokens = root[:, None]  # [B, 1 + nodes drafted so far]
+        for d in range(1, tree.depth + 1):
+            anc = tree.ancestors[tree.expand_nodes[d - 1], :d]  # [P, d] root .. parent, static
+            path = jnp.take(tokens, np.asarray(anc), axis=1)  # [B, P, d]
+            e = jnp.take(embedding, path, axis=0)  # [B, P, d, E]
+            hh = hydra_hidden(mcfg, medusa, hidden[:, None, :], e, head=d - 1,
+                              dtype=base_cfg.dtype)  # [B, P, D]
+            lg = head_logits(mcfg, medusa, hh[..., None, :], base_proj, lm)[..., 0, :]  # [B, P, V']
+            cand = draft_to_vocab(mcfg, jax.lax.top_k(lg, tree.level_topk[d - 1])[1])
+            idx = np.asarray(tree.level_indices[tree.level_slice(d)])
+            level = jnp.take(cand.reshape(B, -1).astype(jnp.int32), idx, axis=1)  # [B, n_d]
+            tokens = jnp.concatenate([tokens, level], axis=1)
+        return tokens
+
+    propose.drafts_tree = True
+    return propose
+
+
+def default_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, settings: MedusaSettings):
+    """The proposer ``medusa_generate`` uses for these heads and this tree."""
+    if mcfg.is_hydra:
+        return hydra_proposer(mcfg, base_cfg, settings.choices)
+    tree = settings.tree
+    return heads_proposer(mcfg, base_cfg, tree.topk, tree.depth)
+
+
 def _append_many(out, n_out, done, toks, n, eos_ids, max_new):
     """Append the first ``n[b]`` of ``toks: [B, P]`` to each live row, stopping after EOS."""
     B, P = toks.shape
@@ -164,9 +214,12 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     rng, k_accept = jax.random.split(s.rng)
     root = s.root  # [B]
     B = root.shape[0]
-    cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
-    flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
-    tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
+    if getattr(propose, "drafts_tree", False):  # Hydra: drafted depth by depth from the root
+        tree_tokens = propose(params, s.hidden, s, root)  # [B, T]
+    else:
+        cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
+        flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
+        tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
 
     positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
     # the tree's K/V stay apart from the cache; only the accepted path is committed below
@@ -252,7 +305,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
                           cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
-    propose = propose or heads_proposer(mcfg, cfg, tree.topk, tree.depth)
+    propose = propose or default_proposer(mcfg, cfg, settings)
 
     def step(state, stop):
         return compiled_call(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,

@@ -4,6 +4,17 @@ Parameters are stacked over heads so all M heads run as one einsum: ``res_kernel
 (input -> output), ``res_bias [M, N, D]`` and, without a shared LM head, ``lm_head [M, D, V]``.
 Every ResBlock has its own weights. W and b start at zero, so a fresh head equals the base LM
 head (it predicts the next token, not the one after: training moves it).
+
+Hydra heads (``head_type="hydra"``, sequentially dependent) also read the tokens on their path:
+head m (0-based) guesses token t+m+2 from h_t and the base model's input embeddings
+``e_1 .. e_{m+1}`` of tokens t+1 .. t+m+1 (t+1 is the base model's own prediction, the others
+were drafted by the heads before it). Its input is a per-head projection of the concatenation
+``[h_t; e_1; ...; e_{m+1}]`` to D, ``x = W_h h_t + sum_j W_e[j] e_j + b``, then the same
+ResBlocks: ``in_hidden [M, D, D]``, ``in_embed [M, M, E, D]`` (slot j of head m is used for
+j <= m only), ``in_bias [M, D]``. The Hydra paper runs its ResBlocks on the concatenation; the
+projection first keeps a head's cost that of a Medusa head plus one ``[E, D]`` product per path
+token. ``W_h`` starts as the identity and ``W_e`` at zero, so a fresh Hydra head equals a fresh
+Medusa head, and training starts from the base LM head's guess.
 """
 
 from __future__ import annotations
@@ -36,6 +47,91 @@ class MedusaHeads(nn.Module):
         for j in range(N):
             x = x + jax.nn.silu(jnp.einsum("...md,mde->...me", x, w[:, j].astype(dt)) + b[:, j].astype(dt))
         return x
+
+
+def hydra_hidden(mcfg: MedusaConfig, params, hidden, embeds, head: int | None = None,
+                 dtype=None):
+    """Hydra heads' hidden states, ready for :func:`head_logits`.
+
+    ``head=None`` (training, teacher-forced): ``hidden: [..., D]``, ``embeds: [..., M, E]`` (the
+    embeddings of tokens t+1 .. t+M) -> ``[..., M, D]``; head m reads ``embeds[..., :m+1]``.
+    ``head=m`` (drafting): ``hidden: [..., D]``, ``embeds: [..., m+1, E]`` -> ``[..., D]``."""
+    dt = jnp.dtype(dtype) if dtype is not None else hidden.dtype
+    h, e = hidden.astype(dt), embeds.astype(dt)
+    M, N = mcfg.num_heads, mcfg.num_layers
+    if head is None:
+        w_e = params["in_embed"].astype(dt) * np.tril(np.ones((M, M), np.float32))[:, :, None, None]
+        x = (jnp.einsum("...d,mde->...me", h, params["in_hidden"].astype(dt))
+             + jnp.einsum("...je,mjed->...md", e, w_e) + params["in_bias"].astype(dt))  # [..., M, D]
+        for j in range(N):
+            x = x + jax.nn.silu(jnp.einsum("...md,mde->...me", x, params["res_kernel"][:, j].astype(dt))
+                                + params["res_bias"][:, j].astype(dt))
+        return x
+    m = head
+    x = (h @ params["in_hidden"][m].astype(dt)
+         + jnp.einsum("...je,jed->...d", e, params["in_embed"][m, : m + 1].astype(dt))
+         + params["in_bias"][m].astype(dt))  # [..., D]
+    for j in range(N):
+        x = x + jax.nn.silu(x @ params["res_kernel"][m, j].astype(dt) + params["res_bias"][m, j].astype(dt))
+    return x
+
+
+class HydraHeads(nn.Module):
+    """Parameter declarations (shapes, logical axes, initialisers) of Hydra heads; ``__call__``
+    is the teacher-forced forward of :func:`hydra_hidden`."""
+
+    cfg: MedusaConfig
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, hidden, embeds):
+        """``hidden: [..., D]``, ``embeds: [..., M, E]`` -> ``[..., M, D]``."""
+        c = self.cfg
+        M, N, D, E = c.num_heads, c.num_layers, c.hidden_size, c.embed_size
+        pdt = jnp.dtype(c.param_dtype)
+
+        def eye(key, shape, dtype):
+            return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
+
+        p = {
+            "in_hidden": self.param("in_hidden", nn.with_logical_partitioning(
+                eye, ("medusa_heads", "embed", "embed_out")), (M, D, D), pdt),
+            "in_embed": self.param("in_embed", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("medusa_heads", "medusa_path", "embed", "embed_out")),
+                (M, M, E, D), pdt),
+            "in_bias": self.param("in_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("medusa_heads", "embed_out")), (M, D), pdt),
+            "res_kernel": self.param("res_kernel", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed", "embed_out")),
+                (M, N, D, D), pdt),
+            "res_bias": self.param("res_bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed_out")), (M, N, D), pdt),
+        }
+        return hydra_hidden(c, p, hidden, embeds, dtype=self.dtype)
+
+
+def heads_module(mcfg: MedusaConfig, dtype: str = "float32") -> nn.Module:
+    """The module of ``mcfg.head_type``: ``MedusaHeads`` (called with ``hidden``) or
+    ``HydraHeads`` (``hidden, embeds``)."""
+    return (HydraHeads if mcfg.is_hydra else MedusaHeads)(mcfg, dtype=dtype)
+
+
+def heads_param_axes(mcfg: MedusaConfig) -> dict[str, tuple[str, ...]]:
+    """Logical axis names of every head parameter (without the own ``lm_head``)."""
+    mod = heads_module(mcfg)
+    args = [jnp.zeros((1, mcfg.hidden_size))]
+    if mcfg.is_hydra:
+        args.append(jnp.zeros((1, mcfg.num_heads, mcfg.embed_size)))
+    shapes = jax.eval_shape(mod.init, jax.random.PRNGKey(0), *args)["params"]
+    return {k: tuple(v.names) for k, v in shapes.items()}
+
+
+def path_embeddings(embedding, tokens):
+    """Teacher-forced Hydra inputs: ``embedding: [V, E]`` (the base model's input table),
+    ``tokens: [..., M]`` (tokens t+1 .. t+M; entries < 0 mean none and give zeros) ->
+    ``[..., M, E]``."""
+    e = jnp.take(embedding, jnp.maximum(tokens, 0), axis=0)
+    return jnp.where((tokens >= 0)[..., None], e, 0)
 
 
 def head_logits(mcfg: MedusaConfig, medusa_params, head_hidden, base_logits_fn, base_lm_head=None):
@@ -73,16 +169,24 @@ def vocab_to_draft(mcfg: MedusaConfig, tokens):
 
 
 def init_medusa_params(mcfg: MedusaConfig, base_lm_head=None, rng=None, scale: float = 0.0) -> dict:
-    """Fresh head parameters. ``scale > 0`` draws random (non-zero) ResBlock weights, for tests.
+    """Fresh head parameters. ``scale > 0`` draws random (non-zero) ResBlock weights (and, for
+    Hydra heads, input projections), for tests.
     Own LM heads start as copies of ``base_lm_head: [D, V]`` when given (the original recipe)."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     M, N, D = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size
     pdt = jnp.dtype(mcfg.param_dtype)
-    k1, k2, k3 = jax.random.split(rng, 3)
+    k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
     p = {
         "res_kernel": (scale * jax.random.normal(k1, (M, N, D, D))).astype(pdt),
         "res_bias": (scale * jax.random.normal(k2, (M, N, D))).astype(pdt),
     }
+    if mcfg.is_hydra:
+        E = mcfg.embed_size
+        tril = np.tril(np.ones((M, M), np.float32))[:, :, None, None]  # unused slots stay zero
+        p["in_hidden"] = (jnp.broadcast_to(jnp.eye(D), (M, D, D))
+                          + scale * jax.random.normal(k4, (M, D, D))).astype(pdt)
+        p["in_embed"] = (scale * tril * jax.random.normal(k5, (M, M, E, D))).astype(pdt)
+        p["in_bias"] = jnp.zeros((M, D), pdt)
     if not mcfg.shared_lm_head:
         if base_lm_head is not None:
             p["lm_head"] = jnp.broadcast_to(jnp.asarray(base_lm_head, pdt)[None], (M, D, mcfg.vocab_size))

@@ -19,6 +19,12 @@ There are no checkpoints in the middle (training a few hundred thousand position
 a run writes ``metrics.jsonl``, ``summary.json`` and the exported heads like the trainer does.
 The hidden states are kept next to the tokenised-data cache, so a rerun with other training
 settings (steps, learning rate, draft vocabulary) skips the base forward.
+
+Both head types train here: Hydra heads (``medusa.head_type: hydra``) read the teacher-forced
+tokens t+1 .. t+k of their path from ``HiddenSet.tokens``. With ``train.head_target: base`` each
+head learns the base model's own distribution for its token instead of the data's token: the LM
+head applied to the cached state of the position before that token (``HiddenSet.teacher``),
+renormalised over the draft vocabulary when there is one (the heads can propose nothing else).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.model.heads import MedusaHeads, head_logits, vocab_to_draft
+from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, vocab_to_draft
 from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
 from medusa_jax.training.config import TrainConfig
@@ -52,24 +58,66 @@ _BATCH_KEYS = ("input_ids", "loss_mask", "segment_ids", "positions")
 
 @dataclasses.dataclass
 class HiddenSet:
-    """Positions with a head target: ``hidden [N, D]`` float32 (the base's final-normed state)
-    and ``targets [N, M]`` int32 (head k's target token, -1 where it has none)."""
+    """Cached positions t: ``hidden [N, D]`` float32 (the base's final-normed state at t) and
+    ``targets [N, M]`` int32 (head k's training target, token t+k+2, -1 where it has none).
+
+    ``tokens [N, M+1]`` int32: tokens t+1 .. t+M+1 (the teacher-forced path of Hydra heads; -1
+    past the end of the answer or segment). Where a target exists it equals ``tokens[:, 1:]``.
+    ``teacher [N, M]`` int32: the row of this set holding position t+k+1, whose LM-head
+    distribution is the base's own for head k's target (-1 where head k has no target). Rows of
+    one answer are contiguous and in order. A position is kept when it has a head target or is
+    some target's teacher, so ``teacher`` always points inside the set."""
 
     hidden: np.ndarray
     targets: np.ndarray
+    tokens: np.ndarray | None = None
+    teacher: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
+
+    @classmethod
+    def from_answers(cls, hiddens: list[np.ndarray], answers: list[np.ndarray],
+                     num_heads: int) -> HiddenSet:
+        """From generated answers: ``hiddens[i][j]`` (``[n_i, D]``) is the base's hidden state
+        at the position whose next token is ``answers[i][j]`` (``[n_i]`` int); every answer
+        token is a training target. Keeps every position (the last one of an answer has no
+        head target but is the teacher row of the answer's last token)."""
+        if len(hiddens) != len(answers):
+            raise ValueError(f"from_answers: {len(hiddens)} hidden arrays but {len(answers)} answers")
+        M = num_heads
+        hs, toks, teach, base = [], [], [], 0
+        for i, (h, a) in enumerate(zip(hiddens, answers, strict=True)):
+            h, a = np.asarray(h), np.asarray(a, np.int64).reshape(-1)
+            if h.ndim != 2 or h.shape[0] != a.shape[0]:
+                raise ValueError(f"from_answers: answer {i} has {a.shape[0]} tokens but hidden "
+                                 f"states of shape {h.shape} (need [{a.shape[0]}, D])")
+            n = a.shape[0]
+            if n == 0:
+                continue
+            j = np.arange(n)[:, None] + np.arange(M + 1)[None, :]  # [n, M+1]: answer index
+            toks.append(np.where(j < n, a[np.minimum(j, n - 1)], -1))
+            # head k's target answers[j+k+1] is predicted at row j+k+1 (its teacher)
+            tj = j[:, 1:]
+            teach.append(np.where(tj < n, base + tj, -1))
+            hs.append(h.astype(np.float32))
+            base += n
+        if not hs:
+            raise ValueError("from_answers: no answer has any token")
+        tokens = np.concatenate(toks).astype(np.int32)
+        return cls(np.concatenate(hs), tokens[:, 1:].copy(), tokens,
+                   np.concatenate(teach).astype(np.int32))
 
 
 def collect_hidden(model_cfg: ModelConfig, base_params, arrays: dict, num_heads: int,
                    batch_size: int, desc: str = "hidden states") -> HiddenSet:
     """Run the base over tokenised rows (``input_ids``/``loss_mask``/... ``[R, T]``, as
     :func:`~medusa_jax.training.prepare.prepare_data` makes them) and keep the states of every
-    position whose head-0 target (token t+2) is a training target."""
+    position that has a head target or whose next token (t+1) is a training target (it is then
+    a teacher row), with the token inputs and teacher rows of :class:`HiddenSet`."""
     hidden_fn = make_hidden_fn(model_cfg)
     rows = arrays["input_ids"].shape[0]
-    hs, ts = [], []
+    hs, ts, toks, teach, base = [], [], [], [], 0
     for i in tqdm(range(0, rows, batch_size), desc=desc, unit="batch", leave=False):
         batch = {k: np.asarray(arrays[k][i: i + batch_size]) for k in _BATCH_KEYS if k in arrays}
         n = batch["input_ids"].shape[0]
@@ -77,20 +125,34 @@ def collect_hidden(model_cfg: ModelConfig, base_params, arrays: dict, num_heads:
             batch = {k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
                      for k, v in batch.items()}
         seg = batch.get("segment_ids")
-        targets = []
-        for k in range(num_heads):
-            t, v = shifted_targets(batch["input_ids"], batch["loss_mask"], k + 2, seg)
-            targets.append(np.where(np.asarray(v), np.asarray(t), -1))
-        targets = np.stack(targets, -1)[:n]  # [n, T, M]
-        keep = (targets >= 0).any(-1)
+        targets, tokens = [], []
+        ones = np.ones_like(batch["loss_mask"])
+        for k in range(num_heads + 1):  # k = 0: token t+1 and whether it is a target
+            t, v = shifted_targets(batch["input_ids"], batch["loss_mask"], k + 1, seg)
+            t, v = np.asarray(t)[:n], np.asarray(v)[:n]
+            _, inside = shifted_targets(batch["input_ids"], ones, k + 1, seg)  # same row/segment
+            targets.append(np.where(v, t, -1))
+            tokens.append(np.where(np.asarray(inside)[:n], t, -1))
+        nxt, targets = targets[0], np.stack(targets[1:], -1)  # [n, T], [n, T, M]
+        tokens = np.stack(tokens, -1)  # [n, T, M+1]
+        keep = (targets >= 0).any(-1) | (nxt >= 0)
         if not keep.any():
             continue
         h = np.asarray(hidden_fn(base_params, batch))[:n]
+        T = keep.shape[1]
+        row = base + np.cumsum(keep.reshape(-1)).reshape(keep.shape) - 1  # [n, T]: set row
+        pos = np.arange(T)[None, :, None] + 1 + np.arange(num_heads)[None, None, :]  # t+k+1
+        tr = row[np.arange(n)[:, None, None], np.minimum(pos, T - 1)]  # [n, T, M]
+        teacher = np.where(targets >= 0, tr, -1)  # a target's teacher position is always kept
         hs.append(h[keep].astype(np.float32))
         ts.append(targets[keep].astype(np.int32))
+        toks.append(tokens[keep].astype(np.int32))
+        teach.append(teacher[keep].astype(np.int32))
+        base += int(keep.sum())
     if not hs:
         raise ValueError(f"{desc}: no position has a training target (all loss masks are 0)")
-    return HiddenSet(np.concatenate(hs), np.concatenate(ts))
+    return HiddenSet(np.concatenate(hs), np.concatenate(ts), np.concatenate(toks),
+                     np.concatenate(teach))
 
 
 def choose_draft_ids(tokens: np.ndarray, size: int, vocab_size: int,
@@ -120,11 +182,18 @@ def draft_coverage(targets: np.ndarray, draft_ids: tuple[int, ...] | None) -> fl
     return float(np.isin(t, np.asarray(draft_ids)).mean())
 
 
-def _logits_and_targets(mcfg: MedusaConfig, params, lm, hidden, targets):
+def _logits_and_targets(mcfg: MedusaConfig, params, lm, hidden, targets, tokens=None, emb=None):
     """Head logits ``[b, M, V or V']`` on flat states, the targets as their columns and which
-    targets count (those inside the draft vocabulary) and exist."""
-    heads = MedusaHeads(mcfg, dtype=hidden.dtype)
-    hh = heads.apply({"params": {k: v for k, v in params.items() if k != "lm_head"}}, hidden)
+    targets count (those inside the draft vocabulary) and exist. Hydra heads also need
+    ``tokens [b, M+1]`` (``HiddenSet.tokens``) and ``emb [V, E]`` (the base's input embeddings)."""
+    inputs = [hidden]
+    if mcfg.is_hydra:
+        if tokens is None or emb is None:
+            raise ValueError("Hydra heads need the teacher-forced tokens (HiddenSet.tokens) and "
+                             "the base model's input embeddings")
+        inputs.append(path_embeddings(emb, tokens[:, : mcfg.num_heads]))
+    heads = heads_module(mcfg, dtype=hidden.dtype)
+    hh = heads.apply({"params": {k: v for k, v in params.items() if k != "lm_head"}}, *inputs)
     logits = head_logits(mcfg, params, hh, lambda x: (x @ lm.astype(x.dtype)).astype(jnp.float32),
                          lm)
     cols = vocab_to_draft(mcfg, jnp.maximum(targets, 0))
@@ -132,39 +201,82 @@ def _logits_and_targets(mcfg: MedusaConfig, params, lm, hidden, targets):
     return logits, jnp.maximum(cols, 0), has & (cols >= 0), has
 
 
-def _heads_stats(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, hidden, targets):
+def _base_logits(mcfg: MedusaConfig, lm, x):
+    """The base model's logits from states ``x: [..., D]`` over the heads' columns (the draft
+    vocabulary when there is one)."""
+    if mcfg.draft_ids is not None:
+        lm = jnp.take(lm, np.asarray(mcfg.draft_ids, np.int32), axis=1)
+    return (x @ lm.astype(x.dtype)).astype(jnp.float32)
+
+
+def _heads_stats(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, hidden, targets,
+                 tokens=None, emb=None, teacher_hidden=None):
     """Per-head CE statistics on flat states. Targets outside the draft vocabulary are no
-    training targets; ``missed`` counts them per head (the evaluation adds them as misses)."""
-    logits, cols, valid, has = _logits_and_targets(mcfg, params, lm, hidden, targets)
+    training targets; ``missed`` counts them per head (the evaluation adds them as misses).
+
+    With ``teacher_hidden [b, M, D]`` (the cached states of the positions before each target,
+    ``train.head_target: base``) the CE is against the base's own distribution there instead,
+    over every position with a target (top-1/top-5 still count the data's token)."""
+    logits, cols, valid, has = _logits_and_targets(mcfg, params, lm, hidden, targets, tokens, emb)
     stats = [ce_stats(logits[:, k], cols[:, k], valid[:, k]) for k in range(mcfg.num_heads)]
     missed = jnp.sum(has & ~valid, axis=0).astype(jnp.float32)
+    if teacher_hidden is not None:
+        p = jax.nn.softmax(jax.lax.stop_gradient(_base_logits(mcfg, lm, teacher_hidden)), -1)
+        ce = -jnp.sum(p * jax.nn.log_softmax(logits, -1), -1)  # [b, M]
+        w = has.astype(jnp.float32)
+        stats = [(jnp.sum(ce[:, k] * w[:, k]), top1, top5, jnp.sum(w[:, k]))
+                 for k, (_, top1, top5, _) in enumerate(stats)]
+        missed = jnp.zeros_like(missed)  # every target is trained on
     return stats, missed
 
 
 RANKS = 10  # per-rank accuracies reported for tree design (tree.best_nodes_tree)
 
 
-def _rank_hits(mcfg: MedusaConfig, params, lm, hidden, targets):
-    """``[M, RANKS]``: how many targets each head ranked 0, 1, ... (ties as ``ce_stats``)."""
-    logits, cols, valid, _ = _logits_and_targets(mcfg, params, lm, hidden, targets)
+def _rank_hits(mcfg: MedusaConfig, params, lm, hidden, targets, tokens=None, emb=None):
+    """``[M, RANKS]``: how many targets each head ranked 0, 1, ... (ties as ``ce_stats``), the
+    same given that every earlier head's top-1 was right at that position, and ``[M]``: how
+    many positions had head k's target with every earlier head right (the condition's count)."""
+    logits, cols, valid, has = _logits_and_targets(mcfg, params, lm, hidden, targets, tokens, emb)
     tgt = jnp.take_along_axis(logits, cols[..., None], axis=-1)  # [b, M, 1]
     idx = jnp.arange(logits.shape[-1])
     rank = jnp.sum((logits > tgt) | ((logits == tgt) & (idx < cols[..., None])), axis=-1)
     onehot = (rank[..., None] == jnp.arange(RANKS)) & valid[..., None]  # [b, M, R]
-    return jnp.sum(onehot, axis=0).astype(jnp.float32)
+    right = onehot[..., 0].astype(jnp.int32)  # [b, M]
+    before = jnp.concatenate([jnp.ones_like(right[:, :1]), jnp.cumprod(right, 1)[:, :-1]], 1) > 0
+    cond = onehot & before[..., None]
+    return (jnp.sum(onehot, axis=0).astype(jnp.float32), jnp.sum(cond, axis=0).astype(jnp.float32),
+            jnp.sum(before & has, axis=0).astype(jnp.float32))
+
+
+def minibatch(data: HiddenSet, idx, mcfg: MedusaConfig, head_target: str = "tokens") -> dict:
+    """The arrays one step reads for rows ``idx`` of ``data``: ``hidden``, ``targets``, and
+    ``tokens`` for Hydra heads, ``teacher_hidden [b, M, D]`` for ``head_target='base'``."""
+    b = {"hidden": data.hidden[idx], "targets": data.targets[idx]}
+    if mcfg.is_hydra or head_target == "base":
+        if data.tokens is None or data.teacher is None:
+            raise ValueError("these hidden states have no token inputs / teacher rows (made "
+                             "before HiddenSet had them): collect them again")
+    if mcfg.is_hydra:
+        b["tokens"] = data.tokens[idx]
+    if head_target == "base":
+        b["teacher_hidden"] = data.hidden[np.maximum(data.teacher[idx], 0)]
+    return b
 
 
 def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
-    """``(step(params, opt_state, lm, hidden, targets) -> (params, opt_state, metrics), tx)``."""
+    """``(step(params, opt_state, lm, emb, batch) -> (params, opt_state, metrics), tx)``;
+    ``batch`` from :func:`minibatch`, ``emb [V, E]`` the base's input embeddings (Hydra)."""
     tx = make_optimizer(tcfg)
 
-    def loss_fn(params, lm, hidden, targets):
-        stats, _ = _heads_stats(mcfg, tcfg, params, lm, hidden, targets)
+    def loss_fn(params, lm, emb, batch):
+        stats, _ = _heads_stats(mcfg, tcfg, params, lm, batch["hidden"], batch["targets"],
+                                batch.get("tokens"), emb, batch.get("teacher_hidden"))
         return _finish(stats, tcfg.decay)
 
     @jax.jit
-    def step(params, opt_state, lm, hidden, targets):
-        (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, lm, hidden, targets)
+    def step(params, opt_state, lm, emb, batch):
+        (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(params, lm, emb, batch)
         lrs = learning_rates(tcfg, opt_state)
         updates, opt_state = tx.update({"medusa": g}, opt_state, {"medusa": params})
         params = jax.tree.map(lambda p, u: p + u, params, updates["medusa"])
@@ -174,27 +286,36 @@ def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
 
 
 def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: HiddenSet,
-                    batch: int = 1024) -> dict:
-    """Per-head top-1 / top-5 accuracy and CE on held-out states. Accuracy counts every target:
-    one outside the draft vocabulary is a miss (the heads cannot propose it)."""
+                    batch: int = 1024, emb=None) -> dict:
+    """Per-head top-1 / top-5 accuracy and CE on held-out states against the data's tokens, and
+    conditional acceptance. Accuracy counts every target: one outside the draft vocabulary is a
+    miss (the heads cannot propose it). Hydra heads need ``emb`` (the base's input embeddings).
+
+    ``head_cond_top1[k]``: P(head k's top-1 is right | heads 0 .. k-1's top-1 were right at the
+    same position), i.e. how often a chain of top-1 guesses that reached depth k goes one
+    further. For Hydra heads the path tokens are teacher-forced (the data's tokens); under that
+    condition they are exactly what the heads before would have drafted, so it is what decoding
+    sees. ``head_cond_rank_acc [M, RANKS]``: the same for head k's rank-r guess."""
 
     @jax.jit
-    def fn(params, hidden, targets):
-        stats, missed = _heads_stats(mcfg, tcfg, params, lm, hidden, targets)
+    def fn(params, b):
+        hidden, targets, tokens = b["hidden"], b["targets"], b.get("tokens")
+        stats, missed = _heads_stats(mcfg, tcfg, params, lm, hidden, targets, tokens, emb)
         ce, top1, top5, count = (jnp.stack(s) for s in zip(*stats, strict=True))
-        return ce, top1, top5, count, missed, _rank_hits(mcfg, params, lm, hidden, targets)
+        return (ce, top1, top5, count, missed,
+                *_rank_hits(mcfg, params, lm, hidden, targets, tokens, emb))
 
     tot = None
     n = len(data)
     for i in range(0, n, batch):
-        h, t = data.hidden[i: i + batch], data.targets[i: i + batch]
-        if h.shape[0] < batch:
-            pad = batch - h.shape[0]
-            h = np.concatenate([h, np.zeros((pad, h.shape[1]), h.dtype)])
-            t = np.concatenate([t, np.full((pad, t.shape[1]), -1, t.dtype)])
-        out = [np.asarray(x, np.float64) for x in fn(params, h, t)]
+        b = minibatch(data, np.arange(i, min(i + batch, n)), mcfg)
+        if b["hidden"].shape[0] < batch:  # one compiled shape: padding rows have no targets
+            pad = batch - b["hidden"].shape[0]
+            b = {k: np.concatenate([v, np.full((pad, *v.shape[1:]), 0 if k == "hidden" else -1,
+                                               v.dtype)]) for k, v in b.items()}
+        out = [np.asarray(x, np.float64) for x in fn(params, b)]
         tot = out if tot is None else [a + b for a, b in zip(tot, out, strict=True)]
-    ce, top1, top5, count, missed, ranks = tot
+    ce, top1, top5, count, missed, ranks, cond_ranks, cond_count = tot
     total = np.maximum(count + missed, 1.0)
     return {
         # [M, RANKS]: P(head k's rank-r guess is the target), tree.best_nodes_tree's input
@@ -203,6 +324,9 @@ def evaluate_cached(mcfg: MedusaConfig, tcfg: TrainConfig, params, lm, data: Hid
         "head_top5": (top5 / total).tolist(),
         "head_loss": (ce / np.maximum(count, 1.0)).tolist(),  # over in-draft targets
         "head_count": (count + missed).tolist(),
+        "head_cond_top1": (cond_ranks[:, 0] / np.maximum(cond_count, 1.0)).tolist(),
+        "head_cond_rank_acc": (cond_ranks / np.maximum(cond_count, 1.0)[:, None]).round(5).tolist(),
+        "head_cond_count": cond_count.tolist(),
         "draft_coverage": draft_coverage(data.targets, mcfg.draft_ids),
     }
 
@@ -221,15 +345,20 @@ def _hidden_cache_path(run_cfg: RunConfig, data_cache_file: str | None,
     path = model.get("path")
     ident = _file_identity(path) if path and os.path.exists(path) else None
     key = json.dumps([os.path.basename(data_cache_file), model, ident, num_heads,
-                      run_cfg.train.seq_len], sort_keys=True, default=str)
+                      run_cfg.train.seq_len, "tokens+teacher"], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return os.path.join(os.path.dirname(data_cache_file), f"hidden-{digest}.npz")
 
 
+_SET_FIELDS = ("hidden", "targets", "tokens", "teacher")
+
+
 def _save_hidden(path: str, train_set: HiddenSet, eval_set: HiddenSet | None) -> None:
-    arrays = {"train_hidden": train_set.hidden, "train_targets": train_set.targets}
-    if eval_set is not None:
-        arrays |= {"eval_hidden": eval_set.hidden, "eval_targets": eval_set.targets}
+    arrays = {}
+    for name, hs in (("train", train_set), ("eval", eval_set)):
+        if hs is not None:
+            arrays |= {f"{name}_{f}": getattr(hs, f) for f in _SET_FIELDS
+                       if getattr(hs, f) is not None}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, **arrays)
@@ -241,8 +370,12 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            train = HiddenSet(z["train_hidden"], z["train_targets"])
-            ev = HiddenSet(z["eval_hidden"], z["eval_targets"]) if "eval_hidden" in z else None
+            def one(name):
+                return HiddenSet(*(z[f"{name}_{f}"] if f"{name}_{f}" in z else None
+                                   for f in _SET_FIELDS))
+
+            train = one("train")
+            ev = one("eval") if "eval_hidden" in z else None
     # damaged: recompute (and overwrite); a cut file is a BadZipFile, which is no OSError
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
         log.warning("ignoring the damaged hidden-state cache %s (%s: %s)", path,
@@ -294,8 +427,9 @@ def train_cached(run_cfg: RunConfig) -> dict:
                                  tuple(model_cfg.eos_token_ids))
     mcfg = MedusaConfig.for_model(model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
                                   shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype,
-                                  draft_ids=draft)
+                                  draft_ids=draft, head_type=m.head_type)
     lm = jnp.asarray(lm_head_weight(base, model_cfg))
+    emb = jnp.asarray(base["embed"]["embedding"]) if mcfg.is_hydra else None
     params = jax.tree.map(jnp.asarray, _heads_host(mcfg, base, model_cfg))
     step_fn, tx = make_cached_step(mcfg, tcfg)
     opt_state = tx.init({"medusa": params})
@@ -313,8 +447,8 @@ def train_cached(run_cfg: RunConfig) -> dict:
         if s % per_epoch == 0:
             order = rng.permutation(n)
         idx = np.sort(order[(s % per_epoch) * bt: (s % per_epoch + 1) * bt])
-        params, opt_state, met = step_fn(params, opt_state, lm, train_set.hidden[idx],
-                                         train_set.targets[idx])
+        params, opt_state, met = step_fn(params, opt_state, lm, emb,
+                                         minibatch(train_set, idx, mcfg, tcfg.head_target))
         window.append(met)
         if (s + 1) % run_cfg.log.every_steps == 0 or s + 1 == tcfg.steps:
             w = jax.device_get(window)
@@ -329,9 +463,10 @@ def train_cached(run_cfg: RunConfig) -> dict:
     train_s = time.perf_counter() - t
     metrics_f.close()
 
-    ev = evaluate_cached(mcfg, tcfg, params, lm, eval_set) if eval_set is not None else None
+    ev = evaluate_cached(mcfg, tcfg, params, lm, eval_set, emb=emb) if eval_set is not None else None
     summary = {
-        "mode": "medusa1", "cache_hidden": True, "step": tcfg.steps, "steps": tcfg.steps,
+        "mode": "medusa1", "cache_hidden": True, "head_type": mcfg.head_type,
+        "head_target": tcfg.head_target, "step": tcfg.steps, "steps": tcfg.steps,
         "interrupted": False, "signal": None, "run_dir": paths.root,
         "checkpoint_dir": None, "data": data.report,
         "train_positions": len(train_set), "eval_positions": 0 if eval_set is None else len(eval_set),
@@ -345,6 +480,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     host = jax.tree.map(np.asarray, params)
     metadata = {
         "mode": "medusa1 (cached hidden states)", "steps": tcfg.steps,
+        "head_type": mcfg.head_type, "head_target": tcfg.head_target,
         "base_model": run_cfg.model.path or "default",
         "data": {k: data.report[k] for k in ("source", "summary", "train_rows")},
         "train_positions": summary["train_positions"], "epochs": summary["epochs"],
@@ -357,7 +493,9 @@ def train_cached(run_cfg: RunConfig) -> dict:
 
         save_hf_checkpoint(model_cfg, base, paths.base, tokenizer=load_run_tokenizer(run_cfg))
         exports["base"] = paths.base
-    if run_cfg.export.v1:
+    if run_cfg.export.v1 and mcfg.is_hydra:
+        log.info("no Medusa v1 export: that layout cannot hold Hydra heads")
+    elif run_cfg.export.v1:
         exports["heads_v1"] = export_v1(paths.heads_v1, mcfg, host, base_lm_head=np.asarray(lm),
                                         base_model_name_or_path=run_cfg.model.path or "")
     summary["exports"] = exports

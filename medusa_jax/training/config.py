@@ -8,6 +8,7 @@ from medusa_jax.config import ConfigError
 
 MODES = ("medusa1", "medusa2")
 SCHEDULES = ("cosine", "constant")
+HEAD_TARGETS = ("tokens", "base")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -53,6 +54,10 @@ class TrainConfig:
     # states of the target positions, ``token_batch`` positions per step (training/cached.py).
     cache_hidden: bool = False
     token_batch: int = 512
+    # What head k learns to predict for token t+k+1: the data's token ("tokens") or, from the
+    # cached states, the base model's own distribution there (LM head on the state of position
+    # t+k: "base", a distillation target; the Hydra authors found it better).
+    head_target: str = "tokens"
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode={self.mode!r} must be one of {MODES}")
@@ -110,6 +115,11 @@ class TrainConfig:
         _check(not (self.cache_hidden and self.mode != "medusa1"),
                "cache_hidden=True needs mode='medusa1' (Medusa-2 changes the base, so its hidden "
                "states cannot be cached)")
+        _check(self.head_target in HEAD_TARGETS,
+               f"head_target={self.head_target!r} must be one of {HEAD_TARGETS}")
+        _check(self.head_target == "tokens" or self.cache_hidden,
+               f"head_target={self.head_target!r} needs cache_hidden=True (the base's own "
+               "distribution comes from the cached hidden states)")
         _check(
             self.heads_warmup_steps == 0 or self.mode == "medusa2",
             f"heads_warmup_steps={self.heads_warmup_steps} only applies to mode='medusa2' "

@@ -31,7 +31,7 @@ import numpy as np
 
 from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
 from medusa_jax.distributed import global_batch_from_local
-from medusa_jax.model.heads import MedusaHeads
+from medusa_jax.model.heads import heads_module
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
 from medusa_jax.sharding import (
@@ -132,6 +132,10 @@ def _heads_host(mcfg: MedusaConfig, base: dict, model_cfg: ModelConfig) -> dict:
     if not mcfg.shared_lm_head:
         lm = np.asarray(lm_head_weight(base, model_cfg), dt)
         out["lm_head"] = np.broadcast_to(lm[None], (M, *lm.shape))
+    if mcfg.is_hydra:  # the input projection starts as h_t alone (a fresh Medusa head)
+        out["in_hidden"] = np.broadcast_to(np.eye(D, dtype=dt), (M, D, D)).copy()
+        out["in_embed"] = np.zeros((M, M, mcfg.embed_size, D), dt)
+        out["in_bias"] = np.zeros((M, D), dt)
     return out
 
 
@@ -145,7 +149,7 @@ def _eval_fn(model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig
     """``fn(params, batch) -> per-head sums`` (top-1 / top-5 hits, cross entropy, count),
     through the training loss's own per-head statistics (``step._heads_loss``)."""
     model = LlamaModel(model_cfg)
-    heads = MedusaHeads(medusa_cfg, dtype=model_cfg.dtype)
+    heads = heads_module(medusa_cfg, dtype=model_cfg.dtype)
 
     @jax.jit
     def fn(params, batch):
@@ -334,7 +338,8 @@ class Trainer:
                                      self.model_cfg.vocab_size, tuple(self.model_cfg.eos_token_ids))
         self.medusa_cfg = MedusaConfig.for_model(
             self.model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
-            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype, draft_ids=draft)
+            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype, draft_ids=draft,
+            head_type=m.head_type)
         self.shardings = state_shardings(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
         self.state = None
         self._warned_diff: list[str] | None = None
@@ -534,7 +539,9 @@ class Trainer:
                                tokenizer=load_run_tokenizer(cfg))
             out["base"] = paths.base
             base_name = paths.base
-        if cfg.export.v1:
+        if cfg.export.v1 and mcfg.is_hydra:
+            log.info("no Medusa v1 export: that layout cannot hold Hydra heads")
+        elif cfg.export.v1:
             lm = lm_head_weight(base, self.model_cfg) if mcfg.shared_lm_head else None
             out["heads_v1"] = export_v1(paths.heads_v1, mcfg, medusa, base_lm_head=lm,
                                         base_model_name_or_path=base_name)

@@ -68,6 +68,8 @@ class MedusaSection:
     # > 0: the heads propose only the N most frequent target tokens of the training data (a
     # draft vocabulary: their projection shrinks V/N times; verification keeps the full one).
     draft_vocab_size: int = 0
+    # "medusa" (head k sees h_t) or "hydra" (head k also sees the tokens t+1 .. t+k of its path)
+    head_type: str = "medusa"
 
 
 @dataclasses.dataclass(frozen=True)

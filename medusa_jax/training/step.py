@@ -27,7 +27,14 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.model.heads import MedusaHeads, head_logits, init_medusa_params, vocab_to_draft
+from medusa_jax.model.heads import (
+    head_logits,
+    heads_module,
+    heads_param_axes,
+    init_medusa_params,
+    path_embeddings,
+    vocab_to_draft,
+)
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.sharding import (
     batch_sharding,
@@ -71,13 +78,7 @@ def model_init_fn(
     draws random ResBlock weights (tests)."""
     medusa_cfg.check_compatible(model_cfg)
     model = LlamaModel(model_cfg)
-    heads = MedusaHeads(medusa_cfg, dtype=model_cfg.dtype)
-    head_axes = {
-        k: tuple(v.names)
-        for k, v in jax.eval_shape(
-            heads.init, jax.random.PRNGKey(0), jnp.zeros((1, model_cfg.hidden_size))
-        )["params"].items()
-    }
+    head_axes = heads_param_axes(medusa_cfg)
     head_axes["lm_head"] = MEDUSA_LM_HEAD_AXES
 
     def init(rng):
@@ -180,11 +181,24 @@ def base_hidden(model: LlamaModel, base_params, batch):
     return hidden
 
 
+def next_tokens(tokens, n: int):
+    """``tokens: [B, T]`` -> ``[B, T, n]``: tokens t+1 .. t+n at every position, -1 past the
+    row's end. (Across a packed segment boundary they are another segment's tokens; the
+    targets there are invalid, so no loss reads them.)"""
+    B, T = tokens.shape
+    pad = jnp.concatenate([tokens, jnp.full((B, n), -1, tokens.dtype)], axis=1)
+    return jnp.stack([pad[:, j + 1: j + 1 + T] for j in range(n)], axis=-1)
+
+
 def _heads_loss(model, heads, tcfg, base_params, medusa_params, hidden, batch):
     """``Σ_k decay^k CE_k`` of the heads on ``hidden: [B, T, D]``, one head at a time."""
     mcfg = heads.cfg
+    inputs = [hidden]
+    if mcfg.is_hydra:  # teacher-forced path: tokens t+1 .. t+M of the row (none past the end)
+        inputs.append(path_embeddings(base_params["embed"]["embedding"],
+                                      next_tokens(batch["input_ids"], mcfg.num_heads)))
     head_hidden = heads.apply(
-        {"params": {k: v for k, v in medusa_params.items() if k != "lm_head"}}, hidden
+        {"params": {k: v for k, v in medusa_params.items() if k != "lm_head"}}, *inputs
     )  # [B, T, M, D]
 
     def base_logits(h):
@@ -217,7 +231,7 @@ class _Steps:
         medusa_cfg.check_compatible(model_cfg)
         self.tcfg = tcfg
         self.model = LlamaModel(model_cfg)
-        self.heads = MedusaHeads(medusa_cfg, dtype=model_cfg.dtype)
+        self.heads = heads_module(medusa_cfg, dtype=model_cfg.dtype)
         self.tx = make_optimizer(tcfg)
 
     def _apply(self, state: TrainState, grads, metrics, batch):

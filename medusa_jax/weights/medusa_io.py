@@ -3,7 +3,9 @@
 Our format is a directory with ``medusa_config.json`` (``MedusaConfig.to_dict()``, ``"format":
 "medusa_jax"`` and free-form ``metadata``) and ``heads.safetensors`` holding our parameter names
 and layout (``res_kernel [M, N, D, D]`` input -> output, ``res_bias [M, N, D]``, optional
-``lm_head [M, D, V]``).
+``lm_head [M, D, V]``; Hydra heads, ``head_type: "hydra"`` in the config, add ``in_hidden
+[M, D, D]``, ``in_embed [M, M, E, D]`` and ``in_bias [M, D]``). A config without ``head_type``
+(files written before it existed) loads as Medusa heads.
 
 The original code stores PyTorch ``Linear`` weights (``[out, in]``, ``y = x W^T + b``):
 
@@ -125,6 +127,8 @@ def _unbox(params) -> dict:
 def _expected_shapes(mcfg: MedusaConfig) -> dict[str, tuple[int, ...]]:
     M, N, D, V = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size
     shapes = {"res_kernel": (M, N, D, D), "res_bias": (M, N, D)}
+    if mcfg.is_hydra:
+        shapes.update(in_hidden=(M, D, D), in_embed=(M, M, mcfg.embed_size, D), in_bias=(M, D))
     if not mcfg.shared_lm_head:
         shapes["lm_head"] = (M, D, V)
     return shapes
@@ -511,6 +515,10 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     only reproduce heads whose ResBlocks are identical (a warning says when they are not).
     Returns the directory path.
     """
+    if mcfg.is_hydra:
+        raise ValueError("the original Medusa layout cannot hold Hydra heads (head_type='hydra': "
+                         "each head also reads its path's token embeddings); save them with "
+                         "save_heads instead")
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     p = _unbox(params)
     _check_params(mcfg, p)
