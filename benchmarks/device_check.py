@@ -15,8 +15,11 @@ order of priority (a time budget skips what is left, and says so):
 3. SmolLM2 shape, shipped heads: step time and acceptance per tree size, batch 1 and 8.
 4. 7B shape: step time per tree size (batch 1), chain and 63-node trees at batch 8.
 5. XLA settings as measured variants, each in a fresh process (flags act at backend start):
-   command buffers for the decode loop's while/conditional, a larger client memory fraction,
-   and a persistent compilation cache (cold, then warm).
+   command buffers for the decode loop's while/conditional, a persistent compilation cache
+   (cold, then warm), a larger client memory fraction.
+
+Sections 1-4 run in one child process and each variant in another: the calling process never
+starts a backend, so no process holds the GPU's preallocated memory while another needs it.
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out`` (default ``$OUT``, else
 ``runs/device_check``). ``--smoke`` runs the same plan on tiny shapes on a CPU in about a minute
@@ -37,8 +40,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+VARIANT_ORDER = ("command_buffer", "compile_cache_cold", "compile_cache_warm", "mem_fraction_0.95")
 VARIANTS = {  # name -> environment changes (applied before jax starts, in a fresh process)
-    "baseline": {},
     "command_buffer": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="
                        "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"},
     "mem_fraction_0.95": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"},
@@ -66,9 +69,13 @@ class Plan:
 
 def make_plan(smoke: bool, budget_s: float | None) -> Plan:
     if smoke:
-        return Plan("tiny", "tiny", "float32", 12, 8, (1, 2), (5, 64), budget_s or 240)
+        return Plan("tiny", "tiny", "float32", 12, 8, (1, 2), (5, 64), budget_s or 900)
     return Plan("llama2-7b", "smollm2-135m", "bfloat16", 128, 32, (1, 8), (5, 16, 32, 64),
-                budget_s or 420)
+                budget_s or 400)
+
+
+# share of the budget the measurements (sections 1-4) may use; the variants get the rest
+MAIN_SHARE = 0.6
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -243,10 +250,12 @@ def _strip(r: dict) -> dict:
     return {k: v for k, v in r.items() if k != "tokens"}
 
 
-def main_plan(plan: Plan, smoke: bool, out_dir: str, variants: bool) -> dict:
+def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
+    """Sections 1-4, in this process (a child of the caller); the report so far is saved to
+    ``save`` after every run, so a crash late in the plan keeps what was measured."""
     import jax
 
-    budget = Budget(plan.budget_s)
+    budget = Budget(plan.budget_s * MAIN_SHARE)
     backend = jax.default_backend()
     report: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -262,6 +271,9 @@ def main_plan(plan: Plan, smoke: bool, out_dir: str, variants: bool) -> dict:
 
     def record(model: str, r: dict, **extra):
         runs.append({"model": model, **_strip(r), **extra})
+        if save is not None:
+            with open(save, "w") as f:
+                json.dump(report, f)
         return r
 
     # 1. the big shape at batch 1: vanilla vs Medusa (oracle, 63-node tree)
@@ -328,15 +340,16 @@ def main_plan(plan: Plan, smoke: bool, out_dir: str, variants: bool) -> dict:
                                                 van["tokens"]))
                 report["equality"][f"{plan.big} b{batch} oracle {nodes}"] = first_divergence(
                     big, pb, van["tokens"], r["tokens"])
-    del big, small
-
-    # 5. XLA settings, each in a fresh process
-    if variants:
-        names = SMOKE_VARIANTS if smoke else tuple(VARIANTS)
-        for name in names:
-            if budget.ok(f"variant {name}", 75):
-                report["variants"][name] = run_variant(name, smoke, out_dir, budget.left() - 10)
     return report
+
+
+def run_child(args: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 5))
+    except subprocess.TimeoutExpired:
+        return 124, "", f"timed out after {timeout:.0f}s"
+    return p.returncode, p.stdout, p.stderr
 
 
 # ------------------------------------------------------------------------------ variants
@@ -363,16 +376,10 @@ def run_variant(name: str, smoke: bool, out_dir: str, timeout: float) -> dict:
     if name.startswith("compile_cache"):
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", name]
-    if smoke:
-        cmd.append("--smoke")
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 5))
-    except subprocess.TimeoutExpired:
-        return {"env": VARIANTS[name], "error": f"timed out after {timeout:.0f}s"}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    if p.returncode != 0 or not lines:
-        return {"env": VARIANTS[name], "error": f"exit {p.returncode}: {p.stderr[-600:]}"}
+    rc, out, err = run_child(["--variant", name] + (["--smoke"] if smoke else []), env, timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if rc != 0 or not lines:
+        return {"env": VARIANTS[name], "error": f"exit {rc}: {err[-600:]}"}
     return {"env": VARIANTS[name], **json.loads(lines[-1])}
 
 
@@ -436,6 +443,8 @@ def markdown(rep: dict) -> str:
                  f"{comp:.1f} | {v['wall_s']:.1f} |")
     if rep["skipped"]:
         L += ["", "Skipped (time budget): " + ", ".join(rep["skipped"])]
+    if rep.get("error"):
+        L += ["", "**The measurements stopped early:**", "", "```", rep["error"], "```"]
     return "\n".join(L) + "\n"
 
 
@@ -449,7 +458,30 @@ def parse_args(argv=None):
                    "240 in smoke mode)")
     p.add_argument("--no-variants", action="store_true", help="skip the XLA-setting processes")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a variant's own process
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # sections 1-4: --part FILE
     return p.parse_args(argv)
+
+
+def child(args, plan: Plan) -> int:
+    """A child process: sections 1-4 (``--part FILE``) or one variant (``--variant NAME``)."""
+    if args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from medusa_jax.platform import skip_absent_tpu
+
+    skip_absent_tpu()
+    import jax
+
+    if not args.smoke and jax.default_backend() == "cpu":
+        print("error: no accelerator found (JAX sees only the CPU): the device check measures "
+              "a GPU or TPU; run it with --smoke to check it on a CPU", file=sys.stderr)
+        return 2
+    if args.variant is not None:
+        print(json.dumps(variant_measure(plan)))
+        return 0
+    rep = main_plan(plan, args.smoke, save=args.part)
+    with open(args.part, "w") as f:
+        json.dump(rep, f)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -459,21 +491,9 @@ def main(argv=None) -> int:
             raise CheckError(f"unknown variant {args.variant!r} ({', '.join(VARIANTS)})")
         if args.budget_s is not None and not args.budget_s > 0:
             raise CheckError(f"--budget-s must be > 0, got {args.budget_s}")
-        if args.smoke:
-            os.environ.setdefault("JAX_PLATFORMS", "cpu")
-        from medusa_jax.platform import skip_absent_tpu
-
-        skip_absent_tpu()
-        import jax
-
-        backend = jax.default_backend()
-        if not args.smoke and backend == "cpu":
-            raise CheckError("no accelerator found (JAX sees only the CPU): the device check "
-                             "measures a GPU or TPU; run it with --smoke to check it on a CPU")
         plan = make_plan(args.smoke, args.budget_s)
-        if args.variant is not None:
-            print(json.dumps(variant_measure(plan)))
-            return 0
+        if args.variant is not None or args.part is not None:
+            return child(args, plan)
         out = args.out or os.environ.get("OUT") or os.path.join(REPO, "runs", "device_check")
         os.makedirs(out, exist_ok=True)
         if not os.access(out, os.W_OK):
@@ -485,7 +505,36 @@ def main(argv=None) -> int:
         print(f"error: cannot use the output folder: {e}", file=sys.stderr)
         return 2
     t = time.perf_counter()
-    rep = main_plan(plan, args.smoke, out, not args.no_variants)
+    end = t + plan.budget_s
+    part = os.path.join(out, "part_main.json")
+    if os.path.exists(part):
+        os.remove(part)
+    base = ["--smoke"] if args.smoke else []
+    if args.budget_s is not None:
+        base += ["--budget-s", str(args.budget_s)]
+    rc, _, err = run_child(["--part", part, *base], dict(os.environ), plan.budget_s + 300)
+    errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    if rc == 2 and errs:  # the child's one clear line (no accelerator)
+        print(errs[-1], file=sys.stderr)
+        return 2
+    if not os.path.exists(part):
+        print(err[-4000:], file=sys.stderr)
+        print(f"error: the measurements failed before the first result (exit {rc}); the lines "
+              "above are theirs", file=sys.stderr)
+        return 1
+    with open(part) as f:
+        rep = json.load(f)
+    os.remove(part)
+    if rc != 0:  # what was measured before the failure is kept, with the failure's last words
+        rep["error"] = f"the measurements stopped (exit {rc}): {err[-1500:]}"
+        print(err[-4000:], file=sys.stderr)
+    if not args.no_variants:
+        for name in SMOKE_VARIANTS if args.smoke else VARIANT_ORDER:
+            left = end - time.perf_counter()
+            if left < (20 if args.smoke else 75):
+                rep["skipped"].append(f"variant {name}")
+                continue
+            rep["variants"][name] = run_variant(name, args.smoke, out, left)
     rep["wall_s"] = time.perf_counter() - t
     with open(os.path.join(out, "device_check.json"), "w") as f:
         json.dump(rep, f, indent=1)
@@ -493,7 +542,7 @@ def main(argv=None) -> int:
     with open(os.path.join(out, "device_check.md"), "w") as f:
         f.write(md)
     print(md)
-    return 0
+    return 1 if rep.get("error") else 0
 
 
 if __name__ == "__main__":
