@@ -14,7 +14,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import decode  # noqa: E402
-
 from medusa_jax.config import ConfigError  # noqa: E402
 from medusa_jax.presets import preset_config, preset_heads, random_params  # noqa: E402
 
