@@ -186,3 +186,29 @@ def test_kernels_lower_for_their_hardware(platform):
         low = jax.jit(functools.partial(fn, T=T, G=N // K, block=block)).trace(*args).lower(
             lowering_platforms=(platform,))
         assert "medusa_prefix_attention" in low.as_text()
+
+
+def test_decoding_through_a_kernel_gives_the_xla_loops_tokens(tiny_cfg, tiny_params, monkeypatch):
+    """The model reaches the kernel through ModelConfig.attention_impl: prefill, decode steps
+    and a Medusa verification (ragged rows, batch 2) give the tokens of the XLA loop."""
+    from medusa_jax.config import MedusaConfig
+    from medusa_jax.decoding.common import GenerationSettings
+    from medusa_jax.decoding.medusa import make_settings, medusa_generate
+    from medusa_jax.decoding.vanilla import generate
+    from medusa_jax.model import kernels
+    from medusa_jax.model.heads import init_medusa_params
+
+    traced = []
+    original = kernels.prefix_state_gpu
+    monkeypatch.setattr(kernels, "prefix_state_gpu",
+                        lambda *a, **k: traced.append(k["T"]) or original(*a, **k))
+    prompts, gen = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]], GenerationSettings(max_new_tokens=6)
+    mcfg = MedusaConfig.for_model(tiny_cfg, num_heads=2)
+    params = {"base": tiny_params, "medusa": init_medusa_params(mcfg, scale=0.3)}
+    st = make_settings([[0], [1], [0, 0]], 2, gen)
+    kcfg = tiny_cfg.replace(attention_impl="pallas_gpu")
+    assert generate(kcfg, tiny_params, prompts, gen)["tokens"] == \
+        generate(tiny_cfg, tiny_params, prompts, gen)["tokens"]
+    assert medusa_generate(kcfg, mcfg, params, prompts, st)["tokens"] == \
+        medusa_generate(tiny_cfg, mcfg, params, prompts, st)["tokens"]
+    assert {1, st.tree.num_nodes} <= set(traced)  # decode steps and verifications used it
