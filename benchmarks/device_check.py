@@ -321,8 +321,10 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
                 small, pb, van["tokens"], r["tokens"])
         for nodes in (5, 64):
             if budget.ok(f"{plan.small} batch {batch} oracle {nodes}", 20):
-                record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "oracle",
-                                              van["tokens"]))
+                r = record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "oracle",
+                                                  van["tokens"]))
+                report["equality"][f"{plan.small} b{batch} oracle {nodes}"] = first_divergence(
+                    small, pb, van["tokens"], r["tokens"])
 
     # 4. the big shape: step time per tree size at batch 1, chain and 63-node at batch 8 (with
     # one shape for both, as in the smoke run, section 3 measured these already)
