@@ -4,6 +4,7 @@
     python decode.py --prompt "Tell me about Paris."              # default model (+ shipped heads)
     python decode.py --medusa none --prompt "..."                 # plain decoding
     python decode.py --compare --prompts-file questions.jsonl    # vanilla vs Medusa, same prompts
+    python decode.py --random-weights --preset llama2-7b --medusa none --prompt "x"  # speed only
     echo "Hello" | python decode.py --json
 """
 
@@ -46,6 +47,12 @@ def _positive(text: str) -> int:
     return n
 
 
+def _preset_names():
+    from medusa_jax.presets import PRESETS
+
+    return list(PRESETS)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("prompts")
@@ -55,6 +62,11 @@ def parse_args(argv=None):
     src.add_argument("--raw", action="store_true", help="do not apply the chat template")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None, help="HF checkpoint dir or .gguf file (default: SmolLM2-135M-Instruct)")
+    m.add_argument("--random-weights", action="store_true",
+                   help="random weights of the --preset shape, built on the device (speed "
+                   "measurements: the text is noise, EOS is ignored, byte-level tokenizer)")
+    m.add_argument("--preset", default=None,
+                   help=f"model shape for --random-weights: {', '.join(_preset_names())}")
     m.add_argument("--medusa", default="default",
                    help="Medusa heads dir (our format, original v1/v2 layout, or a Medusa-2 HF dir); "
                         "'none' for plain decoding; 'default' = heads shipped for the default model")
@@ -169,6 +181,8 @@ def check_inputs(args):
 
     prompts = read_prompts(args)
     SamplingConfig(args.temperature, args.top_p, args.top_k)
+    if args.random_weights or args.preset is not None:
+        return _check_random_inputs(args, prompts)
     model, heads, tokenizer = resolve_sources(args.model, args.medusa, args.tokenizer)
     if heads is None and args.medusa == "default" and (args.compare or args.tree != "default"):
         raise ValueError("no Medusa heads for this model: give them with --medusa PATH")
@@ -196,12 +210,51 @@ def check_inputs(args):
     return prompts, ids, (model, heads, tokenizer), acceptance
 
 
+def _check_random_inputs(args, prompts):
+    """``check_inputs`` for ``--random-weights --preset NAME`` (no files to read but heads)."""
+    from medusa_jax.api import resolve_acceptance
+    from medusa_jax.decoding.common import check_lengths
+    from medusa_jax.decoding.medusa import check_tree
+    from medusa_jax.presets import PRESETS, preset_config, preset_heads
+    from medusa_jax.tokenizer import byte_tokenizer_hf, encode_prompt
+
+    names = ", ".join(PRESETS)
+    if not args.random_weights:
+        raise ValueError("--preset names the shape of --random-weights: add --random-weights")
+    if args.preset is None:
+        raise ValueError(f"--random-weights needs --preset NAME ({names})")
+    if args.model is not None or args.tokenizer is not None:
+        raise ValueError("--random-weights builds its own model: drop --model/--tokenizer")
+    cfg = preset_config(args.preset, "float32")  # unknown preset: one clear error
+    heads = preset_heads(args.preset) if args.medusa == "default" else args.medusa
+    heads = None if heads in ("none", "") else heads
+    if heads is None and (args.compare or args.tree != "default"):
+        raise ValueError(f"no Medusa heads for preset {args.preset!r}: give them with "
+                         "--medusa PATH, or drop --compare/--tree")
+    if args.tree != "default":
+        check_tree(args.tree)
+    acceptance = resolve_acceptance(args.acceptance, args.temperature) if heads else None
+    tok = byte_tokenizer_hf()
+    ids = []
+    for i, text in enumerate(prompts):
+        ids.append(encode_prompt(tok, text, chat=not args.raw))
+        try:
+            check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
+        except ValueError as e:
+            raise ValueError(f"prompt {i}: {e}") from None
+    return prompts, ids, (None, heads, None), acceptance
+
+
 def run(args) -> int:
     from medusa_jax.api import MedusaLM
 
     prompts, ids, (model, heads, tokenizer), acceptance = check_inputs(args)
-    lm = MedusaLM.load(model, medusa=heads or "none", dtype=args.dtype,
-                       scan_layers=args.scan_layers, tokenizer=tokenizer)
+    if args.random_weights:
+        lm = MedusaLM.from_preset(args.preset, medusa=heads, dtype=args.dtype,
+                                  scan_layers=args.scan_layers)
+    else:
+        lm = MedusaLM.load(model, medusa=heads or "none", dtype=args.dtype,
+                           scan_layers=args.scan_layers, tokenizer=tokenizer)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               top_k=args.top_k, seed=args.seed, tree=args.tree, acceptance=acceptance,
               posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)

@@ -93,6 +93,27 @@ class MedusaLM:
             lm.set_heads(mcfg, mp, trees=heads_trees(medusa))
         return lm
 
+    @classmethod
+    def from_preset(cls, preset: str, medusa: str | None = "default", dtype: str | None = None,
+                    scan_layers: bool = True, seed: int = 0) -> MedusaLM:
+        """Random weights of a named shape (:mod:`medusa_jax.presets`), built on the device, for
+        speed measurements: no EOS (nothing ends random text), the byte-level stand-in tokenizer
+        (text prompts work; the output is noise). ``medusa="default"``: the heads shipped for
+        the preset's shape, if any (SmolLM2's); a path; or None."""
+        from medusa_jax.presets import preset_config, preset_heads, random_params
+        from medusa_jax.tokenizer import byte_tokenizer_hf
+
+        cfg = preset_config(preset, dtype, scan_layers=scan_layers)
+        lm = cls(cfg, random_params(cfg, seed), byte_tokenizer_hf(), eos_token_ids=())
+        if medusa == "default":
+            medusa = preset_heads(preset)
+        if medusa not in (None, "none", ""):
+            from medusa_jax.weights.medusa_io import load_heads
+
+            mcfg, mp = load_heads(medusa, base_cfg=cfg)
+            lm.set_heads(mcfg, mp, trees=heads_trees(medusa))
+        return lm
+
     def set_heads(self, mcfg: MedusaConfig | None, medusa_params=None,
                   trees: dict | None = None) -> None:
         """Attach (or with None, detach) Medusa heads. ``trees``: the trees chosen for these

@@ -20,6 +20,8 @@ SUPPORTED_ARCHITECTURES = (
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DTYPES = ("float32", "bfloat16", "float16")
 HEAD_TYPES = ("medusa", "hydra")
+# who reads the cache prefix in attention (medusa_jax.model.attention.IMPLS; auto = by backend)
+ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / compute
     scan_layers: bool = True
     remat_policy: str = "none"  # none | full | dots (training only)
+    attention_impl: str = "auto"  # cache attention: auto (by backend) | xla | pallas_gpu | ...
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -117,6 +120,8 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} not in {DTYPES}")
         _check(self.remat_policy in ("none", "full", "dots"),
                f"remat_policy={self.remat_policy!r} not in ('none', 'full', 'dots')")
+        _check(self.attention_impl in ATTENTION_IMPLS,
+               f"attention_impl={self.attention_impl!r} not in {ATTENTION_IMPLS}")
         _check(self.architecture in SUPPORTED_ARCHITECTURES,
                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         if isinstance(self.eos_token_ids, (list, int)):

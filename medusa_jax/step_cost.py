@@ -193,14 +193,15 @@ def _prefix_extra(cfg: ModelConfig, batch: int, cache_len: int, live: int, T: in
 
 
 def _target(target: str):
-    """``(devices, sharding)`` for ``"cpu"`` or a TPU topology name (via libtpu)."""
+    """``(devices, sharding)`` for ``"cpu"``, ``"gpu"`` (the first local GPU) or a TPU topology
+    name (via libtpu)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from medusa_jax.aot import AOTError, get_topology, topology_mesh
     from medusa_jax.sharding import MeshConfig
 
-    if target == "cpu":
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1, 1),
+    if target in ("cpu", "gpu"):
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices(target)[:1]).reshape(1, 1, 1),
                                  ("data", "fsdp", "tensor"))
     else:
         try:
@@ -219,7 +220,7 @@ def _compile(fn, args, target: str, auto_weights: bool):
     from jax.experimental.layout import Format, Layout
 
     params, state, stop = args
-    if auto_weights and target != "cpu":
+    if auto_weights and target not in ("cpu", "gpu"):
         p_in = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
     else:
         p_in = jax.tree.map(lambda x: x.sharding, params)
@@ -234,7 +235,8 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
               batch: int = 1, cache_len: int = 2048, live: int | None = None,
               auto_weights: bool = True) -> StepCost:
     """Compile one vanilla step (``mcfg=None`` or ``tree=None``) or one Medusa verification
-    step over ``tree`` for ``target`` (``"cpu"`` or a TPU topology such as ``v5p:1x1x1``) and
+    step over ``tree`` for ``target`` (``"cpu"``, ``"gpu"`` or a TPU topology such as
+    ``v5p:1x1x1``) and
     read its cost. ``live``: committed tokens per row (default half the cache)."""
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import (

@@ -2,6 +2,8 @@
 merged by log-sum-exp) equals the dense reference: tree masks, causal chunks, long prompts,
 ragged row lengths, batch > 1, GQA and MQA, several prefix blocks."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,108 @@ def test_new_tokens_already_in_the_cache_read_with_the_prefix(T):
     out, _, _ = attention(q, kw, vw, 1, lengths, kn, vn, None, block=16, new_in_cache=True)
     ref = attention_reference(q, kc, vc, 1, lengths, kn, vn, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ Pallas kernels (interpret)
+KERNELS = ["pallas_gpu", "pallas_tpu"]
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+@pytest.mark.parametrize("N, K", [(4, 2), (4, 4), (6, 1)], ids=["gqa", "mha", "mqa"])
+def test_kernel_prefix_merged_with_the_tree_block_equals_reference(impl, N, K):
+    """The kernel reads the committed prefix (ragged rows: empty, mid-block, several blocks;
+    the GPU one in several slot splits), the tree block is dense, the two merge by LSE."""
+    rng = np.random.default_rng(6)
+    B, T, H = 3, _TREE.num_nodes, 8
+    q, kc, vc, kn, vn = _case(rng, B, T, N, K, H)
+    lengths = jnp.array([0, 37, 80], jnp.int32)
+    per_row = jnp.asarray(np.stack([_TREE.attn_mask, np.eye(T, dtype=bool), _TREE.attn_mask]))
+    for layer, cm in ((0, jnp.asarray(_TREE.attn_mask)), (1, per_row), (1, None)):
+        out, kc2, _ = attention(q, kc, vc, layer, lengths, kn, vn, cm, impl=impl, block=16)
+        ref = attention_reference(q, kc, vc, layer, lengths, kn, vn, cm)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+        assert kc2 is kc
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_decode_step_reads_itself_in_the_cache(impl):
+    """A one-token step already written to the cache: the kernel reads slots < length + 1."""
+    rng = np.random.default_rng(7)
+    q, kc, vc, kn, vn = _case(rng, 3, 1, 4, 2, 8)
+    lengths = jnp.array([0, 15, 70], jnp.int32)
+    rows, slots = jnp.arange(3)[:, None], lengths[:, None]
+    kw, vw = kc.at[1, rows, :, slots].set(kn), vc.at[1, rows, :, slots].set(vn)
+    out, _, _ = attention(q, kw, vw, 1, lengths, kn, vn, None, impl=impl, block=16,
+                          new_in_cache=True)
+    ref = attention_reference(q, kc, vc, 1, lengths, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", KERNELS)
+def test_kernel_never_reads_past_the_lengths(impl):
+    """Garbage past a row's length stays out: huge values inside its last live block are
+    masked, NaN in the blocks past it is never read (as for the XLA loop above)."""
+    rng = np.random.default_rng(8)
+    q, kc, vc, kn, vn = _case(rng, 2, 4, 4, 2, 8)
+    lengths = jnp.array([10, 50], jnp.int32)  # blocks of 16: live blocks 0 and 0-3
+    slot = jnp.arange(kc.shape[3])[None, None, :, None]
+    past = slot >= lengths[None, :, None, None, None]
+    dead = slot >= jnp.array([16, 64])[None, :, None, None, None]
+    k_bad = jnp.where(dead, jnp.nan, jnp.where(past, 1e4, kc))
+    v_bad = jnp.where(dead, jnp.nan, jnp.where(past, 1e4, vc))
+    out, _, _ = attention(q, k_bad, v_bad, 0, lengths, kn, vn, None, impl=impl, block=16)
+    ref = attention_reference(q, kc, vc, 0, lengths, kn, vn, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_backend_choice_keeps_the_xla_loop_on_cpu():
+    from medusa_jax.model.attention import resolve_impl
+
+    assert resolve_impl("auto") == "xla"  # this suite runs on CPU
+    assert resolve_impl("auto", "cpu") == "xla" and resolve_impl("auto", "gpu") == "xla"
+    assert resolve_impl("pallas_tpu", "cpu") == "pallas_tpu"
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        resolve_impl("flash")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_for_their_hardware(platform):
+    """The kernels at the shapes the device check runs lower to Triton / Mosaic on this CPU
+    (Triton loads must be powers of two, Mosaic blocks tile; compiling needs the chip)."""
+    from medusa_jax.model import kernels
+
+    fn = kernels.prefix_state_gpu if platform == "cuda" else kernels.prefix_state_tpu
+    sd = jax.ShapeDtypeStruct
+    for T, N, K, H in ((64, 32, 32, 128), (1, 32, 32, 128), (64, 9, 3, 64)):  # 7B, SmolLM2
+        args = (sd((1, T, N, H), jnp.bfloat16), sd((2, 1, K, 1024, H), jnp.bfloat16),
+                sd((2, 1, K, 1024, H), jnp.bfloat16), sd((), jnp.int32), sd((1,), jnp.int32))
+        block = 64 if platform == "cuda" else 128
+        low = jax.jit(functools.partial(fn, T=T, G=N // K, block=block)).trace(*args).lower(
+            lowering_platforms=(platform,))
+        assert "medusa_prefix_attention" in low.as_text()
+
+
+def test_decoding_through_a_kernel_gives_the_xla_loops_tokens(tiny_cfg, tiny_params, monkeypatch):
+    """The model reaches the kernel through ModelConfig.attention_impl: prefill, decode steps
+    and a Medusa verification (ragged rows, batch 2) give the tokens of the XLA loop."""
+    from medusa_jax.config import MedusaConfig
+    from medusa_jax.decoding.common import GenerationSettings
+    from medusa_jax.decoding.medusa import make_settings, medusa_generate
+    from medusa_jax.decoding.vanilla import generate
+    from medusa_jax.model import kernels
+    from medusa_jax.model.heads import init_medusa_params
+
+    traced = []
+    original = kernels.prefix_state_gpu
+    monkeypatch.setattr(kernels, "prefix_state_gpu",
+                        lambda *a, **k: traced.append(k["T"]) or original(*a, **k))
+    prompts, gen = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]], GenerationSettings(max_new_tokens=6)
+    mcfg = MedusaConfig.for_model(tiny_cfg, num_heads=2)
+    params = {"base": tiny_params, "medusa": init_medusa_params(mcfg, scale=0.3)}
+    st = make_settings([[0], [1], [0, 0]], 2, gen)
+    kcfg = tiny_cfg.replace(attention_impl="pallas_gpu")
+    assert generate(kcfg, tiny_params, prompts, gen)["tokens"] == \
+        generate(tiny_cfg, tiny_params, prompts, gen)["tokens"]
+    assert medusa_generate(kcfg, mcfg, params, prompts, st)["tokens"] == \
+        medusa_generate(tiny_cfg, mcfg, params, prompts, st)["tokens"]
+    assert {1, st.tree.num_nodes} <= set(traced)  # decode steps and verifications used it

@@ -18,6 +18,7 @@ import pytest
 from medusa_jax.config import ConfigError, MedusaConfig
 from medusa_jax.decoding.common import GenerationError, GenerationSettings
 from medusa_jax.decoding.medusa import MedusaSettings, make_settings, medusa_generate
+from medusa_jax.decoding.oracle import oracle_proposer
 from medusa_jax.decoding.sampling import SamplingConfig, filter_logits
 from medusa_jax.decoding.vanilla import generate
 from medusa_jax.model import LlamaModel
@@ -62,23 +63,8 @@ def naive_greedy(cfg, params, prompts, n):
     return out
 
 
-ORACLE_HEADS, ORACLE_K = 8, 16
-
-
-def oracle_propose(params, hidden, state):
-    """A perfect draft: head m's rank-0 guess is the true greedy token m + 2 places after the last
-    accepted one (the root is the first), read from ``params["oracle"]: [B, R]``; other ranks are
-    wrong on purpose. The guesses are only right if ``hidden`` is the base hidden state at the
-    last accepted token (its LM-head argmax must be the root). Module-level so the static jit
-    argument hashes the same every call."""
-    ref = params["oracle"]
-    V = params["base"]["embed"]["embedding"].shape[0]
-    idx = state.n_out[:, None] + jnp.arange(ORACLE_HEADS + 1)[None, :]  # [B, M + 1]
-    tok = jnp.take_along_axis(ref, jnp.clip(idx, 0, ref.shape[1] - 1), axis=1)
-    root_ok = jnp.argmax(hidden @ params["base"]["lm_head"], axis=-1) == tok[:, 0]  # [B]
-    tok = jnp.where(root_ok[:, None], tok[:, 1:], (tok[:, 1:] + 1) % V)
-    ranks = jnp.arange(ORACLE_K)[None, None, :]
-    return ((tok[..., None] + ranks) % V).astype(jnp.int32)  # [B, M, K]
+# the perfect-draft proposer (one function for every call: the jit's static argument hashes alike)
+oracle_propose = oracle_proposer(8, 16)
 
 
 def _check_stats(res, n_rows, depth):

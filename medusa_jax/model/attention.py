@@ -13,8 +13,11 @@ log-sum-exp rule, so
   K/V apart and commits only the accepted slots (``KVCache.commit_tree``), so the T tree writes
   never touch the cache's layout.
 
-``impl="reference"`` is the plain dense formulation (all ``S + T`` keys, one mask), kept as the
-test oracle. Accelerator kernels can join behind :func:`attention` by backend.
+``impl`` picks who reads the prefix: ``"xla"`` (the loop above), ``"pallas_gpu"`` /
+``"pallas_tpu"`` (the kernels of :mod:`medusa_jax.model.kernels`: the same state, merged with the
+new tokens' dense block by the same rule; off their hardware they run in Pallas interpret mode),
+or ``"auto"``: :data:`BACKEND_IMPL` by backend (the CPU keeps the XLA loop). ``"reference"`` is
+the plain dense formulation (all ``S + T`` keys, one mask), kept as the test oracle.
 """
 
 from __future__ import annotations
@@ -24,12 +27,46 @@ import math
 import jax
 import jax.numpy as jnp
 
+from medusa_jax.config import ATTENTION_IMPLS
+
 # The prefix is read in blocks of at most this many slots; a cache of up to this length is one
 # block (one loop trip when any row is live).
 PREFIX_BLOCK = 512
 # New-token blocks above this size (long prompts) are processed causally in blocks too.
 NEW_BLOCK = 256
 _NEG = -1e30
+IMPLS = ATTENTION_IMPLS
+# What "auto" means per backend. The CPU keeps the XLA loop (what users here run). The TPU keeps
+# it too: its program was measured through libtpu with no cache-sized copy
+# (benchmarks/results/step_cost.md) and no TPU has run the kernel. The GPU keeps it as well
+# until an accelerator has compiled and timed the Triton kernel (``attention_impl="pallas_gpu"``
+# selects it; benchmarks/device_check.sh times both on an H200): a kernel that no GPU has
+# compiled must not be what every GPU user gets by default.
+BACKEND_IMPL = {"cpu": "xla", "gpu": "xla", "tpu": "xla"}
+# Prefix block the kernels read per step on their hardware (a divisor of the cache is taken).
+KERNEL_BLOCK = {"pallas_gpu": 64, "pallas_tpu": 128}
+# Folded query rows (T new tokens x G query heads per kv head) above this stay on the XLA loop:
+# a long prompt's queries do not fit one kernel program; decode and verification steps do.
+MAX_QUERY_ROWS = 512
+
+
+def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
+    """The attention implementation ``impl`` stands for on ``backend`` (default: JAX's)."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r} ({', '.join(IMPLS)})")
+    if impl != "auto":
+        return impl
+    return BACKEND_IMPL.get(backend or jax.default_backend(), "xla")
+
+
+def kernel_block(impl: str, S: int) -> int:
+    """The kernels' prefix block for a cache of ``S`` slots: the largest divisor of ``S`` up
+    to :data:`KERNEL_BLOCK` (16 at least, a Triton dot's minimum, when ``S`` allows)."""
+    want = KERNEL_BLOCK[impl]
+    for b in (want, 128, 64, 32, 16, 8):
+        if b <= want and S % b == 0:
+            return b
+    return S
 
 
 def prefix_block_size(S: int) -> int:
@@ -65,7 +102,7 @@ def _scores(qg, kb, scale):
 
 
 def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None, *,
-              impl: str = "xla", block: int | None = None, new_in_cache: bool = False):
+              impl: str = "auto", block: int | None = None, new_in_cache: bool = False):
     """Attention of ``T`` new tokens over a cache prefix and themselves.
 
     ``q: [B, T, N, H]``; ``k_cache, v_cache``: the stacked cache ``[L, B, K, S, H]`` (layer
@@ -77,11 +114,10 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     dtype, k_cache, v_cache)``: go on with these caches (the same values), not the ones passed
     in.
     """
+    impl = resolve_impl(impl)
     if impl == "reference":
         out = attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask)
         return out, k_cache, v_cache
-    if impl != "xla":
-        raise ValueError(f"unknown attention impl {impl!r} (xla, reference)")
     B, T, N, H = q.shape
     K = k_new.shape[2]
     G = N // K
@@ -89,8 +125,20 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     scale = 1.0 / math.sqrt(H)
     qg = q.reshape(B, T, K, G, H)
     kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    caches = (k_cache, v_cache)  # what goes back to the caller (the kernels only read them)
     state = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
              jnp.zeros((B, K, G, T, H), jnp.float32))
+
+    if impl.startswith("pallas") and k_cache is not None and T * G <= MAX_QUERY_ROWS:
+        # the kernel reads the committed prefix (a one-token step already written reads itself
+        # there too); the new tokens follow below, merged by log-sum-exp
+        one = new_in_cache and chunk_mask is None and T == 1
+        state = _kernel_state(impl, q, k_cache, v_cache, layer, lengths + int(one), T, G, block)
+        if one:
+            _, denom, acc = state
+            out = acc / denom[..., None]
+            return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+        k_cache = None  # the prefix is done: only the new tokens' block is left
 
     # a decode step (or a short causal chunk) already in the cache: read it with the prefix
     in_prefix = new_in_cache and chunk_mask is None and T <= NEW_BLOCK and k_cache is not None
@@ -118,6 +166,7 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
         else:
             state, k_cache, v_cache = jax.lax.fori_loop(
                 0, prefix_blocks(limit[:, -1], C), prefix_step, (state, k_cache, v_cache))
+        caches = (k_cache, v_cache)
         if in_prefix:
             _, denom, acc = state
             out = acc / denom[..., None]
@@ -145,7 +194,21 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
 
     _, denom, acc = state
     out = acc / denom[..., None]  # every token sees itself: denom > 0
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), caches[0], caches[1]
+
+
+def _kernel_state(impl, q, k_cache, v_cache, layer, limit, T, G, block):
+    """The prefix's online-softmax state from a Pallas kernel (interpret mode off its
+    hardware)."""
+    from medusa_jax.model import kernels
+
+    S = k_cache.shape[3]
+    C = block or kernel_block(impl, S)
+    if impl == "pallas_gpu":
+        return kernels.prefix_state_gpu(q, k_cache, v_cache, layer, limit, T=T, G=G, block=C,
+                                        interpret=jax.default_backend() != "gpu")
+    return kernels.prefix_state_tpu(q, k_cache, v_cache, layer, limit, T=T, G=G, block=C,
+                                    interpret=jax.default_backend() != "tpu")
 
 
 def attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None):

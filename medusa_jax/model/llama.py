@@ -108,7 +108,7 @@ class Attention(nn.Module):
             if self.write:  # only the T new slots are written, in place (see write_chunk)
                 ck, cv = write_chunk(ck, k, layer_idx, starts), write_chunk(cv, v, layer_idx, starts)
             out, ck, cv = attention(q, ck, cv, layer_idx, starts, k.astype(dt), v.astype(dt), mask,
-                                    new_in_cache=self.write)
+                                    impl=cfg.attention_impl, new_in_cache=self.write)
             new_kv = (ck, cv, k, v)  # the caches, and the new K/V [B, T, K, H] each
         return out.reshape(B, T, N * H) @ wo.astype(dt).reshape(N * H, D), new_kv
 

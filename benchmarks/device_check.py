@@ -1,0 +1,551 @@
+#!/usr/bin/env python
+"""The device check: one call on an accelerator (an H200 lent for minutes) that tells the truth
+about speed, with nothing large to carry there.
+
+Random bf16 weights of a named shape are built on the device (``medusa_jax.presets``), prompts
+are synthetic token ids, EOS is ignored, the perfect-draft proposer (``decoding/oracle.py``)
+gives full acceptance and, for the SmolLM2 shape, the shipped heads give real proposals. In
+order of priority (a time budget skips what is left, and says so):
+
+1. 7B shape, batch 1: vanilla vs Medusa (oracle, 63-node tree) tokens/s and step time, with the
+   prefix attention by the default kernel and by the XLA loop; greedy equality (first
+   divergence, top-2 logit gap there).
+2. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
+   and one verification step (``medusa_jax.step_cost``) beside the roofline and the measured step.
+3. SmolLM2 shape, shipped heads: step time and acceptance per tree size, batch 1 and 8.
+4. 7B shape: step time per tree size (batch 1), chain and 63-node trees at batch 8.
+5. XLA settings as measured variants, each in a fresh process (flags act at backend start):
+   command buffers for the decode loop's while/conditional, a persistent compilation cache
+   (cold, then warm), a larger client memory fraction.
+
+Sections 1-4 run in one child process and each variant in another: the calling process never
+starts a backend, so no process holds the GPU's preallocated memory while another needs it.
+
+Writes ``device_check.json`` and ``device_check.md`` to ``--out`` (default ``$OUT``, else
+``runs/device_check``). ``--smoke`` runs the same plan on tiny shapes on a CPU in about a minute
+(CI runs it); without ``--smoke`` a machine without an accelerator is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+VARIANT_ORDER = ("command_buffer", "compile_cache_cold", "compile_cache_warm", "mem_fraction_0.95")
+VARIANTS = {  # name -> environment changes (applied before jax starts, in a fresh process)
+    "command_buffer": {"XLA_FLAGS": "--xla_gpu_enable_command_buffer="
+                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"},
+    "mem_fraction_0.95": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"},
+    "compile_cache_cold": {"JAX_COMPILATION_CACHE_DIR": "{cache}"},
+    "compile_cache_warm": {"JAX_COMPILATION_CACHE_DIR": "{cache}"},
+}
+SMOKE_VARIANTS = ("command_buffer",)
+
+
+class CheckError(ValueError):
+    """Bad input for the device check (one ``error:`` line, exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    big: str  # the 7B-class shape
+    small: str  # the shape the shipped heads fit
+    dtype: str
+    max_new: int
+    prompt_len: int
+    batches: tuple[int, ...]
+    tree_sizes: tuple[int, ...]  # nodes with the root
+    budget_s: float
+
+
+def make_plan(smoke: bool, budget_s: float | None) -> Plan:
+    if smoke:
+        return Plan("tiny", "tiny", "float32", 12, 8, (1, 2), (5, 64), budget_s or 900)
+    return Plan("llama2-7b", "smollm2-135m", "bfloat16", 128, 32, (1, 8), (5, 16, 32, 64),
+                budget_s or 400)
+
+
+# share of the budget the measurements (sections 1-4) may use; the variants get the rest
+MAIN_SHARE = 0.6
+
+
+# ------------------------------------------------------------------------------- helpers
+def _tree(nodes: int):
+    from medusa_jax.tree import chain_tree, get_tree, trim_tree
+
+    if nodes == 5:
+        return chain_tree(4)
+    return get_tree("mc_sim_7b_63") if nodes >= 64 else trim_tree(get_tree("mc_sim_7b_63"), nodes)
+
+
+def _prompts(cfg, batch: int, length: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, min(cfg.vocab_size, 30000), size=(batch, length)).tolist()
+
+
+class Model:
+    """One preset on the device: config, weights, heads (random, or shipped for SmolLM2)."""
+
+    def __init__(self, name: str, dtype: str, attention_impl: str = "auto"):
+        import jax
+
+        from medusa_jax.config import MedusaConfig
+        from medusa_jax.presets import preset_config, preset_heads, random_params
+
+        t = time.perf_counter()
+        self.name = name
+        self.cfg = preset_config(name, dtype, scan_layers=False, attention_impl=attention_impl)
+        self.params = {"base": random_params(self.cfg)}
+        heads = preset_heads(name)
+        if heads is not None:
+            from medusa_jax.weights.medusa_io import load_heads
+
+            self.mcfg, mp = load_heads(heads, base_cfg=self.cfg, dtype=dtype)
+            self.params["medusa"] = jax.device_put(mp)
+            self.heads = "shipped"
+        elif name == "tiny":
+            from medusa_jax.model.heads import init_medusa_params
+
+            self.mcfg = MedusaConfig.for_model(self.cfg, num_heads=5)
+            self.params["medusa"] = init_medusa_params(self.mcfg, scale=0.3)
+            self.heads = "random"
+        else:  # no heads for this shape: the oracle proposes (the config only checks the tree)
+            self.mcfg = MedusaConfig.for_model(self.cfg, num_heads=5, shared_lm_head=True)
+            self.heads = None
+        jax.block_until_ready(self.params)
+        self.build_s = time.perf_counter() - t
+
+    def with_impl(self, impl: str) -> Model:
+        other = object.__new__(Model)
+        other.__dict__.update(self.__dict__, cfg=self.cfg.replace(attention_impl=impl))
+        return other
+
+
+def run_vanilla(m: Model, prompts, max_new: int) -> dict:
+    from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationSettings
+    from medusa_jax.decoding.vanilla import generate
+
+    gen = GenerationSettings(max_new_tokens=max_new, eos_token_ids=())
+    c0 = COMPILE_SECONDS[0]
+    generate(m.cfg, m.params["base"], prompts, gen)  # compile + warm-up
+    res = generate(m.cfg, m.params["base"], prompts, gen)
+    n = sum(len(t) for t in res["tokens"])
+    dec = res["decode_seconds"]
+    return {"kind": "vanilla", "batch": len(prompts), "tree_nodes": 1, "tokens": res["tokens"],
+            "tok_s": n / dec if dec else 0.0, "step_ms": 1e3 * dec / max_new,
+            "mean_accepted": 1.0, "compile_s": COMPILE_SECONDS[0] - c0}
+
+
+def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, reference=None) -> dict:
+    from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationSettings
+    from medusa_jax.decoding.medusa import make_settings, medusa_generate
+    from medusa_jax.decoding.oracle import oracle_proposer, with_reference
+
+    gen = GenerationSettings(max_new_tokens=max_new, eos_token_ids=())
+    st = make_settings(_tree(nodes), m.mcfg.num_heads, gen)
+    params, propose = m.params, None
+    if proposer == "oracle":
+        params = with_reference(m.params, reference)
+        propose = oracle_proposer(st.tree.depth, st.tree.topk)
+    c0 = COMPILE_SECONDS[0]
+    medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
+    res = medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
+    n = sum(len(t) for t in res["tokens"])
+    dec, steps = res["decode_seconds"], max(res["steps"])
+    return {"kind": f"medusa-{proposer}", "batch": len(prompts), "tree_nodes": st.tree.num_nodes,
+            "tokens": res["tokens"], "tok_s": n / dec if dec else 0.0,
+            "step_ms": 1e3 * dec / max(steps, 1),
+            "mean_accepted": float(sum(res["mean_accepted"]) / len(prompts)),
+            "compile_s": COMPILE_SECONDS[0] - c0}
+
+
+def first_divergence(m: Model, prompts, vanilla, other) -> dict:
+    """Where Medusa's greedy tokens first differ from vanilla's, per row, and the top-2 gap of
+    the vanilla logits there (bf16 rounding flips near-ties: a small gap is not a bug)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from medusa_jax.model.llama import LlamaModel
+
+    model = LlamaModel(m.cfg)
+
+    @jax.jit
+    def last_logits(params, seq, n):  # right padding is invisible to a causal forward
+        h, _ = model.apply({"params": params}, seq)
+        h = jax.lax.dynamic_index_in_dim(h[0], n - 1, keepdims=False)
+        return model.apply({"params": params}, h, method=LlamaModel.logits)
+
+    width = max(len(p) for p in prompts) + max(len(v) for v in vanilla)
+    rows = []
+    for b, (v, o) in enumerate(zip(vanilla, other, strict=True)):
+        k = next((i for i, (x, y) in enumerate(zip(v, o)) if x != y), None)
+        if k is None and len(v) == len(o):
+            rows.append({"row": b, "identical": True})
+            continue
+        k = min(len(v), len(o)) if k is None else k
+        seq = list(prompts[b]) + list(v[:k])
+        lg = last_logits(m.params["base"], jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32),
+                         len(seq))
+        top2 = np.sort(np.asarray(jax.device_get(lg), np.float32))[-2:]
+        rows.append({"row": b, "identical": False, "first_divergence": k,
+                     "top2_gap": float(top2[1] - top2[0])})
+    return {"identical_rows": sum(r["identical"] for r in rows), "rows": rows}
+
+
+def compiler_figures(m: Model, nodes: int, measured: dict, target: str) -> list[dict]:
+    from medusa_jax.step_cost import ROOFLINE_CHIPS, step_cost
+
+    out = []
+    chip = "h200"
+    assert chip in ROOFLINE_CHIPS
+    for kind in ("vanilla", "medusa"):
+        tree = _tree(nodes) if kind == "medusa" else None
+        rep = step_cost(m.cfg, m.mcfg, target, tree=tree, batch=1, cache_len=_cache_len(m),
+                        live=_live(m))
+        key = "vanilla" if kind == "vanilla" else "medusa"
+        out.append({"kind": kind, "tree_nodes": rep.tree_nodes, "flops": rep.flops,
+                    "bytes": rep.bytes, "cache_copies": len(rep.cache_copies),
+                    "big_copies": len(rep.big_copies), "roofline_ms_h200": 1e3 * rep.roofline_s(chip),
+                    "measured_step_ms": measured.get(key), "compile_s": rep.compile_s})
+    return out
+
+
+def _cache_len(m: Model) -> int:
+    return 256 if m.name == "tiny" else 512
+
+
+def _live(m: Model) -> int:
+    return 40 if m.name == "tiny" else 224  # the prompts' length plus about half the new tokens
+
+
+# ---------------------------------------------------------------------------------- plan
+class Budget:
+    def __init__(self, seconds: float):
+        self.end = time.perf_counter() + seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+    def ok(self, what: str, need: float = 0.0) -> bool:
+        if self.left() > need:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+def _strip(r: dict) -> dict:
+    return {k: v for k, v in r.items() if k != "tokens"}
+
+
+def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
+    """Sections 1-4, in this process (a child of the caller); the report so far is saved to
+    ``save`` after every run, so a crash late in the plan keeps what was measured."""
+    import jax
+
+    budget = Budget(plan.budget_s * MAIN_SHARE)
+    backend = jax.default_backend()
+    report: dict = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(), "smoke": smoke, "backend": backend,
+        "devices": [str(d.device_kind) for d in jax.devices()], "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "plan": dataclasses.asdict(plan),
+        "runs": [], "equality": {}, "compiler": [], "variants": {}, "skipped": budget.skipped,
+    }
+    from medusa_jax.model.attention import resolve_impl
+
+    report["attention_impl"] = resolve_impl("auto")
+    runs = report["runs"]
+
+    def record(model: str, r: dict, **extra):
+        runs.append({"model": model, **_strip(r), **extra})
+        if save is not None:
+            with open(save, "w") as f:
+                json.dump(report, f)
+        return r
+
+    # 1. the big shape at batch 1: vanilla vs Medusa (oracle, 63-node tree)
+    big = Model(plan.big, plan.dtype)
+    report["build_s"] = {plan.big: big.build_s}
+    p1 = _prompts(big.cfg, 1, plan.prompt_len)
+    van1 = record(plan.big, run_vanilla(big, p1, plan.max_new), impl=report["attention_impl"])
+    med1 = record(plan.big, run_medusa(big, p1, plan.max_new, 64, "oracle", van1["tokens"]),
+                  impl=report["attention_impl"])
+    report["equality"][f"{plan.big} b1 oracle 64"] = first_divergence(big, p1, van1["tokens"],
+                                                                      med1["tokens"])
+    # the other prefix reader on this hardware (the kernel vs the XLA loop)
+    other = "xla" if report["attention_impl"] != "xla" else \
+        {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+    if other and not smoke and budget.ok(f"{plan.big} attention_impl={other}", 60):
+        alt = big.with_impl(other)
+        record(plan.big, run_vanilla(alt, p1, plan.max_new), impl=other)
+        record(plan.big, run_medusa(alt, p1, plan.max_new, 64, "oracle", van1["tokens"]),
+               impl=other)
+
+    # 2. compiler figures beside the roofline and the measured steps
+    if budget.ok("compiler figures", 60):
+        target = "cpu" if backend == "cpu" else "gpu" if backend == "gpu" else backend
+        try:
+            report["compiler"] = compiler_figures(
+                big, 64, {"vanilla": van1["step_ms"], "medusa": med1["step_ms"]}, target)
+        except Exception as e:  # a figure that cannot be read is a note, not a lost report
+            report["compiler"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
+
+    # 3. the small shape with its heads: step time and acceptance per tree size
+    small = big if plan.small == plan.big else None
+    for batch in plan.batches:
+        if not budget.ok(f"{plan.small} batch {batch}", 45):
+            continue
+        small = small or Model(plan.small, plan.dtype)
+        report["build_s"][plan.small] = small.build_s
+        pb = _prompts(small.cfg, batch, plan.prompt_len, seed=batch)
+        van = record(plan.small, run_vanilla(small, pb, plan.max_new))
+        sizes = plan.tree_sizes if batch == 1 else (5, 64)
+        for nodes in sizes:
+            if not budget.ok(f"{plan.small} batch {batch} heads {nodes}", 20):
+                continue
+            r = record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "heads"))
+            report["equality"][f"{plan.small} b{batch} heads {nodes}"] = first_divergence(
+                small, pb, van["tokens"], r["tokens"])
+        for nodes in (5, 64):
+            if budget.ok(f"{plan.small} batch {batch} oracle {nodes}", 20):
+                r = record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "oracle",
+                                                  van["tokens"]))
+                report["equality"][f"{plan.small} b{batch} oracle {nodes}"] = first_divergence(
+                    small, pb, van["tokens"], r["tokens"])
+
+    # 4. the big shape: step time per tree size at batch 1, chain and 63-node at batch 8 (with
+    # one shape for both, as in the smoke run, section 3 measured these already)
+    for nodes in plan.tree_sizes if plan.small != plan.big else ():
+        if nodes != 64 and budget.ok(f"{plan.big} batch 1 oracle {nodes}", 40):
+            record(plan.big, run_medusa(big, p1, plan.max_new, nodes, "oracle", van1["tokens"]))
+    for batch in plan.batches[1:] if plan.small != plan.big else ():
+        if not budget.ok(f"{plan.big} batch {batch}", 90):
+            continue
+        pb = _prompts(big.cfg, batch, plan.prompt_len, seed=batch)
+        van = record(plan.big, run_vanilla(big, pb, plan.max_new))
+        for nodes in (5, 64):
+            if budget.ok(f"{plan.big} batch {batch} oracle {nodes}", 40):
+                r = record(plan.big, run_medusa(big, pb, plan.max_new, nodes, "oracle",
+                                                van["tokens"]))
+                report["equality"][f"{plan.big} b{batch} oracle {nodes}"] = first_divergence(
+                    big, pb, van["tokens"], r["tokens"])
+    return report
+
+
+def run_child(args: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 5))
+    except subprocess.TimeoutExpired:
+        return 124, "", f"timed out after {timeout:.0f}s"
+    return p.returncode, p.stdout, p.stderr
+
+
+# ------------------------------------------------------------------------------ variants
+def variant_measure(plan: Plan) -> dict:
+    """Inside a variant's process: the big shape at batch 1, vanilla and oracle 63-node."""
+    t = time.perf_counter()
+    big = Model(plan.big, plan.dtype)
+    p1 = _prompts(big.cfg, 1, plan.prompt_len)
+    van = run_vanilla(big, p1, plan.max_new)
+    med = run_medusa(big, p1, plan.max_new, 64, "oracle", van["tokens"])
+    return {"vanilla": _strip(van), "medusa": _strip(med), "wall_s": time.perf_counter() - t}
+
+
+def run_variant(name: str, smoke: bool, out_dir: str, timeout: float) -> dict:
+    env = dict(os.environ)
+    cache = os.path.join(out_dir, "jax_cache")
+    for k, v in VARIANTS[name].items():
+        v = v.format(cache=cache)
+        env[k] = f"{env.get(k, '')} {v}".strip() if k == "XLA_FLAGS" else v
+    if name == "compile_cache_cold":
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+    if name.startswith("compile_cache"):
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    rc, out, err = run_child(["--variant", name] + (["--smoke"] if smoke else []), env, timeout)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if rc != 0 or not lines:
+        return {"env": VARIANTS[name], "error": f"exit {rc}: {err[-600:]}"}
+    return {"env": VARIANTS[name], **json.loads(lines[-1])}
+
+
+# -------------------------------------------------------------------------------- output
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def markdown(rep: dict) -> str:
+    label = "CPU smoke run (tiny shapes: the format, not a measurement)" if rep["smoke"] else \
+        f"{', '.join(sorted(set(rep['devices'])))}"
+    L = [f"# Device check: {label}", "",
+         f"date {rep['date']}, commit {rep['commit']}, jax {rep['jax']}, backend {rep['backend']}, "
+         f"attention `{rep['attention_impl']}`, XLA_FLAGS `{rep['xla_flags'] or '-'}`", ""]
+    L += ["## Decoding (synthetic prompts, EOS ignored, greedy)", "",
+          "| model | run | impl | batch | tree nodes | tok/s | step ms | accepted/step | compile s |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rep["runs"]:
+        L.append(f"| {r['model']} | {r['kind']} | {r.get('impl', rep['attention_impl'])} | "
+                 f"{r['batch']} | {r['tree_nodes']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | "
+                 f"{r['mean_accepted']:.2f} | {r['compile_s']:.1f} |")
+    L += ["", "Speedup (Medusa tok/s over vanilla tok/s, same model, batch and impl):", ""]
+    van = {(r["model"], r["batch"], r.get("impl")): r for r in rep["runs"] if r["kind"] == "vanilla"}
+    for r in rep["runs"]:
+        v = van.get((r["model"], r["batch"], r.get("impl")))
+        if r["kind"] != "vanilla" and v and v["tok_s"]:
+            L.append(f"- {r['model']} b{r['batch']} {r['kind']} {r['tree_nodes']} nodes: "
+                     f"{r['tok_s'] / v['tok_s']:.2f}x, step = {r['step_ms'] / v['step_ms']:.2f} "
+                     "plain steps")
+    L += ["", "## Greedy equality (Medusa vs vanilla tokens)", ""]
+    for k, e in rep["equality"].items():
+        bad = [f"row {r['row']}: first divergence at {r['first_divergence']}, top-2 gap "
+               f"{r['top2_gap']:.3g}" for r in e["rows"] if not r["identical"]]
+        L.append(f"- {k}: {e['identical_rows']}/{len(e['rows'])} rows identical"
+                 + (f" ({'; '.join(bad)})" if bad else ""))
+    L += ["", "## Compiler figures, one step at batch 1 (`cost_analysis()`, cache-sized copies)",
+          "", "| step | nodes | GFLOP | GB accessed | cache copies | other big copies | "
+          "roofline ms (H200) | measured ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in rep["compiler"]:
+        if "error" in c:
+            L.append(f"| error: {c['error']} | | | | | | | |")
+            continue
+        ms = c["measured_step_ms"]
+        L.append(f"| {c['kind']} | {c['tree_nodes']} | {c['flops'] / 1e9:.2f} | "
+                 f"{c['bytes'] / 1e9:.3f} | {c['cache_copies']} | {c['big_copies']} | "
+                 f"{c['roofline_ms_h200']:.3f} | {'-' if ms is None else f'{ms:.2f}'} |")
+    L += ["", "## XLA settings (each a fresh process; big shape, batch 1)", "",
+          "| variant | env | vanilla tok/s | Medusa-oracle 64 tok/s | compile s | wall s |",
+          "| --- | --- | --- | --- | --- | --- |"]
+    for name, v in rep["variants"].items():
+        env = ", ".join(f"{k}={x}" for k, x in v["env"].items()) or "-"
+        if "error" in v:
+            L.append(f"| {name} | {env} | error: {v['error'][-200:]!r} | | | |")
+            continue
+        comp = v["vanilla"]["compile_s"] + v["medusa"]["compile_s"]
+        L.append(f"| {name} | {env} | {v['vanilla']['tok_s']:.1f} | {v['medusa']['tok_s']:.1f} | "
+                 f"{comp:.1f} | {v['wall_s']:.1f} |")
+    if rep["skipped"]:
+        L += ["", "Skipped (time budget): " + ", ".join(rep["skipped"])]
+    if rep.get("error"):
+        L += ["", "**The measurements stopped early:**", "", "```", rep["error"], "```"]
+    return "\n".join(L) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on a CPU (CI)")
+    p.add_argument("--out", default=None, help="output folder (default $OUT, else runs/device_check)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new sections after this many seconds (default 420; "
+                   "240 in smoke mode)")
+    p.add_argument("--no-variants", action="store_true", help="skip the XLA-setting processes")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a variant's own process
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # sections 1-4: --part FILE
+    return p.parse_args(argv)
+
+
+def child(args, plan: Plan) -> int:
+    """A child process: sections 1-4 (``--part FILE``) or one variant (``--variant NAME``)."""
+    if args.smoke:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from medusa_jax.platform import skip_absent_tpu
+
+    skip_absent_tpu()
+    import jax
+
+    if not args.smoke and jax.default_backend() == "cpu":
+        print("error: no accelerator found (JAX sees only the CPU): the device check measures "
+              "a GPU or TPU; run it with --smoke to check it on a CPU", file=sys.stderr)
+        return 2
+    if args.variant is not None:
+        print(json.dumps(variant_measure(plan)))
+        return 0
+    rep = main_plan(plan, args.smoke, save=args.part)
+    with open(args.part, "w") as f:
+        json.dump(rep, f)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.variant is not None and args.variant not in VARIANTS:
+            raise CheckError(f"unknown variant {args.variant!r} ({', '.join(VARIANTS)})")
+        if args.budget_s is not None and not args.budget_s > 0:
+            raise CheckError(f"--budget-s must be > 0, got {args.budget_s}")
+        plan = make_plan(args.smoke, args.budget_s)
+        if args.variant is not None or args.part is not None:
+            return child(args, plan)
+        out = args.out or os.environ.get("OUT") or os.path.join(REPO, "runs", "device_check")
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise CheckError(f"cannot write to --out {out}")
+    except CheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot use the output folder: {e}", file=sys.stderr)
+        return 2
+    t = time.perf_counter()
+    end = t + plan.budget_s
+    part = os.path.join(out, "part_main.json")
+    if os.path.exists(part):
+        os.remove(part)
+    base = ["--smoke"] if args.smoke else []
+    if args.budget_s is not None:
+        base += ["--budget-s", str(args.budget_s)]
+    rc, _, err = run_child(["--part", part, *base], dict(os.environ), plan.budget_s + 300)
+    errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    if rc == 2 and errs:  # the child's one clear line (no accelerator)
+        print(errs[-1], file=sys.stderr)
+        return 2
+    if not os.path.exists(part):
+        print(err[-4000:], file=sys.stderr)
+        print(f"error: the measurements failed before the first result (exit {rc}); the lines "
+              "above are theirs", file=sys.stderr)
+        return 1
+    with open(part) as f:
+        rep = json.load(f)
+    os.remove(part)
+    if rc != 0:  # what was measured before the failure is kept, with the failure's last words
+        rep["error"] = f"the measurements stopped (exit {rc}): {err[-1500:]}"
+        print(err[-4000:], file=sys.stderr)
+    if not args.no_variants:
+        for name in SMOKE_VARIANTS if args.smoke else VARIANT_ORDER:
+            left = end - time.perf_counter()
+            if left < (20 if args.smoke else 75):
+                rep["skipped"].append(f"variant {name}")
+                continue
+            rep["variants"][name] = run_variant(name, args.smoke, out, left)
+    rep["wall_s"] = time.perf_counter() - t
+    with open(os.path.join(out, "device_check.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    md = markdown(rep)
+    with open(os.path.join(out, "device_check.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 1 if rep.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

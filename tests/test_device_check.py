@@ -1,0 +1,59 @@
+"""benchmarks/device_check.sh: the smoke mode runs on this CPU and writes its report (so the
+script cannot rot before an accelerator runs it), and bad input is one clear error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "device_check.sh")
+
+
+def _run(*args, out=None, timeout=600):
+    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # the suite's 8 virtual devices are not the check's business
+    if out is not None:
+        env["OUT"] = str(out)
+    return subprocess.run(["bash", SCRIPT, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    p = _run("--smoke", out=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "device_check.json").read_text())
+    md = (tmp_path / "device_check.md").read_text()
+    assert rep["smoke"] and rep["backend"] == "cpu" and rep["attention_impl"] == "xla"
+    assert "CPU smoke run" in md and rep["skipped"] == []
+    runs = {(r["kind"], r["batch"], r["tree_nodes"]) for r in rep["runs"]}
+    for batch in (1, 2):  # vanilla, oracle and heads, chain and 63-node tree, both batches
+        for kind in ("medusa-oracle", "medusa-heads"):
+            assert {("vanilla", batch, 1), (kind, batch, 5), (kind, batch, 64)} <= runs
+    first = rep["runs"][1]
+    assert first["kind"] == "medusa-oracle" and first["tree_nodes"] == 64
+    # the oracle accepts the full depth (root + 4) except on its last, truncated step
+    max_new = rep["plan"]["max_new"]
+    steps = -(-max_new // 5)
+    assert first["mean_accepted"] >= (5 * (steps - 1) + 1) / steps
+    # float32 on a CPU: greedy Medusa is vanilla, token for token
+    assert all(e["identical_rows"] == len(e["rows"]) for e in rep["equality"].values())
+    kinds = [c["kind"] for c in rep["compiler"]]
+    assert kinds == ["vanilla", "medusa"], rep["compiler"]
+    assert all(c["bytes"] > 0 and c["cache_copies"] == 0 for c in rep["compiler"])
+    v = rep["variants"]["command_buffer"]
+    assert "error" not in v, v
+    assert v["medusa"]["mean_accepted"] > 1 and "| command_buffer |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "no accelerator found (JAX sees only the CPU)"),
+    (("--smoke", "--budget-s", "-1"), "--budget-s must be > 0"),
+], ids=["no-accelerator", "bad-budget"])
+def test_bad_input_is_one_clear_error(args, message, tmp_path):
+    p = _run(*args, out=tmp_path, timeout=120)
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(err) == 1 and message in err[0], p.stderr[-1000:]
+    assert not (tmp_path / "device_check.json").exists()
