@@ -181,6 +181,21 @@ def _cases():
     mid = np.log(np.array([.5, .2, .1, .08, .06, .03, .02, .01]))
     lg = np.stack([mid, mid, mid, mid, mid, mid])
     cases["entropy_base"] = ([0, 3, 4, 1, 5, 6], lg)
+    # rows where node [0] is accepted under the rule and rejected by a plausible slip (or the
+    # other way round); its child [0, 0] (token 5 under a peaked node) then always follows, so
+    # the accepted length is 3 or 1. Probabilities at the root, T = 1 / T = 0.7:
+    flat2 = np.log(np.array([.3, .3, .1, .1, .05, .05, .05, .05]))
+    for name, root, x in [
+            # p(3) = .08 at T=1: above min(eps, .067), below max(eps, .067) = eps
+            ("between_bounds_T1", mid, 3),
+            # p(2) = .076 at T=0.7: above min(eps, .065), below eps
+            ("between_bounds_T07", flat2, 2),
+            # p(4) = .06 at T=1: below delta*exp(-H) in nats (.067), above it in bits (.035)
+            ("entropy_nats_T1", mid, 4),
+            # p(2) = .066 at T=0.7: below min(eps, .098) = eps in nats, above .06 in bits
+            ("entropy_nats_T07", mid, 2)]:
+        lg = np.stack([root, _peaked(5), flat, flat, flat, flat])
+        cases[name] = ([0, x, 7, 5, 0, 1], lg)
     return cases
 
 
