@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from medusa_jax import hlo
 from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig, tiny_config
 from medusa_jax.sharding import (
     MESH_AXES,
@@ -470,23 +471,15 @@ def _fill_from_compiled(rep: AOTReport, compiled) -> None:
         rep.needed_bytes = mem["total"]
 
 
-_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_COPY_RE = re.compile(r"= (\w+)\[([\d,]*)\]\S* copy\(%([\w.\-]+)\)")
-_PARAM_RE = re.compile(r"%([\w.\-]+) = \S+ parameter\(")
-
-
 def entry_relayout_bytes(hlo_text: str) -> int:
     """Bytes of the entry computation's copies of its own arguments: the compiler re-tiling an
     input into the layout it prefers (the arguments arrive in the default row-major layout).
     Such a copy lives next to the original, so it costs temporaries equal to the argument."""
-    entry = hlo_text[hlo_text.rindex("\nENTRY "):]
-    params = set(_PARAM_RE.findall(entry))
-    total = 0
-    for dt, dims, src in _COPY_RE.findall(entry):
-        if src in params and dt in _HLO_BYTES:
-            total += math.prod(int(d) for d in dims.split(",") if d) * _HLO_BYTES[dt]
-    return total
+    entry = hlo.computations(hlo_text)[hlo.entry_name(hlo_text)]
+    params = {ins.name for ins in entry if ins.op == "parameter"}
+    return sum(hlo.nbytes(ins.dtype, ins.dims) for ins in entry
+               if ins.op == "copy" and ins.dtype in hlo.DTYPE_BYTES
+               and hlo.operands(ins)[0] in params)
 
 
 def _not_fit_message(rep: AOTReport, what: str, tries: list[str]) -> str:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import hlo
 from medusa_jax.config import MedusaConfig, ModelConfig
 from medusa_jax.model.attention import prefix_block_size
 
@@ -33,8 +34,6 @@ ROOFLINE_CHIPS = {
     "v5p": (459e12, 2765e9),
     "h200": (790e12, 4.3e12),  # the same flops and bytes as compiled for v5p, a GPU's limits
 }
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 class StepCostError(ValueError):
@@ -42,12 +41,7 @@ class StepCostError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ HLO
-_COMP_RE = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w-]+)\((.*)$")
-_ARRAY_RE = re.compile(r"(pred|bf16|[subf]\d+)\[([\d,]*)\](\{[^}]*\})?")
-_CALLS_RE = re.compile(r"calls=%([\w.\-]+)")
 _FUSION_CALLS_RE = re.compile(r" fusion\(.*?calls=%([\w.\-]+)")
-_LOOP_CALLS_RE = re.compile(r"(?:body|condition|to_apply)=%([\w.\-]+)")
 _PURE_MOVES = {"parameter", "copy", "transpose", "bitcast"}
 # instructions that move no bytes of their own (aliases, control flow, constants)
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while",
@@ -55,40 +49,6 @@ _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
 # asynchronous slices into VMEM (v5e): the cost analysis does not count them (calibrated: with
 # them left out, a 2-layer 7B-width step's HBM bytes agree between v5e and v5p within 1%)
 _UNCOUNTED_ASYNC = {"slice-start", "slice-done"}
-
-
-def _arrays(type_str: str) -> list[tuple[str, tuple, bool]]:
-    """The arrays of an HLO type (an array or a tuple): ``(dtype, dims, on_chip)``; ``on_chip``
-    is a layout in memory space 1 (``S(1)``: on a TPU, VMEM, where the compiler prefetches)."""
-    return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d),
-             "S(1)" in (m.group(3) or "")) for m in _ARRAY_RE.finditer(type_str)]
-
-
-def _nbytes(dt: str, dims: tuple) -> int:
-    return math.prod(dims) * _BYTES.get(dt, 4)
-
-
-def _computations(hlo_text: str) -> dict[str, list[tuple[str, str, tuple, str, str, str]]]:
-    """computation name -> its instructions ``(name, dtype, dims, opcode, line, type)``
-    (dtype and dims of the first array of the type; ``type`` is the whole type string)."""
-    comps: dict[str, list] = {}
-    cur = None
-    for line in hlo_text.splitlines():
-        if cur is None:
-            m = _COMP_RE.match(line)
-            if m and "=" not in line.split("{")[0].split("(")[0]:
-                cur = m.group(1)
-                comps[cur] = []
-            continue
-        if line.strip() == "}":
-            cur = None
-            continue
-        m = _INSTR_RE.match(line)
-        if m:
-            arrs = _arrays(m.group(2))
-            dt, dims = (arrs[0][0], arrs[0][1]) if arrs else ("", ())
-            comps[cur].append((m.group(1), dt, dims, m.group(3), line, m.group(2)))
-    return comps
 
 
 def on_chip_bytes(hlo_text: str) -> int:
@@ -102,23 +62,22 @@ def on_chip_bytes(hlo_text: str) -> int:
     projection chain it equals the weights' bytes (``tests/test_step_cost.py``). Instructions
     inside fusions are not counted (the fusion's operands and result are), as in the cost
     analysis; ``copy-start`` counts its destination only (its source is the HBM read)."""
-    comps = _computations(hlo_text)
-    fused = set(_CALLS_RE.findall(hlo_text)) - set(_LOOP_CALLS_RE.findall(hlo_text))
-    types = {name: typ for instrs in comps.values() for name, _, _, _, _, typ in instrs}
+    comps = hlo.computations(hlo_text)
+    fused = hlo.fused_computations(hlo_text)
+    types = {ins.name: ins.type for instrs in comps.values() for ins in instrs}
     total = 0
     for cname, instrs in comps.items():
         if cname in fused:
             continue
-        for _name, _, _, op, line, typ in instrs:
-            if op in _NO_TRAFFIC or op in _UNCOUNTED_ASYNC:
+        for ins in instrs:
+            if ins.op in _NO_TRAFFIC or ins.op in _UNCOUNTED_ASYNC:
                 continue
-            if op == "copy-start":  # (destination, source, context)
-                arrs = _arrays(typ)[:1]
+            if ins.op == "copy-start":  # (destination, source, context)
+                arrs = hlo.arrays(ins.type)[:1]
             else:
-                args = line.split(f" {op}(", 1)[1].split(")", 1)[0]
-                arrs = _arrays(typ) + [a for x in re.findall(r"%([\w.\-]+)", args)
-                                       if x in types for a in _arrays(types[x])]
-            total += sum(_nbytes(dt, dims) for dt, dims, chip in arrs if chip)
+                arrs = hlo.arrays(ins.type) + [a for x in hlo.operands(ins) if x in types
+                                               for a in hlo.arrays(types[x])]
+            total += sum(hlo.nbytes(dt, dims) for dt, dims, chip in arrs if chip)
     return total
 
 
@@ -127,7 +86,7 @@ def relayout_copies(hlo_text: str, min_bytes: int = 0, shape: tuple | None = Non
     that are a ``copy``/``transpose``, or a ``fusion`` whose computation only moves data
     (parameter/copy/transpose/bitcast), with an output of at least ``min_bytes`` or, given
     ``shape``, with exactly that shape's dimensions in any order (a cache-sized array)."""
-    comps = _computations(hlo_text)
+    comps = hlo.computations(hlo_text)
     fused = set(_FUSION_CALLS_RE.findall(hlo_text))  # tuple-shaped fusions included
     pure = {name for name in fused
             if all(ins[3] in _PURE_MOVES for ins in comps.get(name, [("", "", (), "x", "", "")]))}
@@ -139,11 +98,11 @@ def relayout_copies(hlo_text: str, min_bytes: int = 0, shape: tuple | None = Non
         for name, dt, dims, op, line, _ in instrs:
             is_move = op in ("copy", "transpose")
             if op == "fusion":
-                called = _CALLS_RE.findall(line)
+                called = hlo.CALLS_RE.findall(line)
                 is_move = bool(called) and called[0] in pure
             if not is_move:
                 continue
-            nbytes = _nbytes(dt, dims)
+            nbytes = hlo.nbytes(dt, dims)
             if (want is not None and sorted(dims) == want) or (want is None and nbytes >= min_bytes):
                 out.append({"name": name, "computation": cname, "dims": dims, "bytes": nbytes})
     return out
