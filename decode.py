@@ -172,11 +172,10 @@ def check_inputs(args):
     tree, the heads' path, and the prompts' lengths against the model's context (its config
     and tokenizer are cheap to read). Returns ``(prompts, their token ids, (model, heads or
     None, tokenizer) to load, acceptance)``."""
-    from medusa_jax.api import resolve_acceptance, resolve_sources
-    from medusa_jax.decoding.common import check_lengths
+    from medusa_jax.api import resolve_sources
     from medusa_jax.decoding.medusa import check_tree
     from medusa_jax.decoding.sampling import SamplingConfig
-    from medusa_jax.tokenizer import encode_prompt, load_tokenizer
+    from medusa_jax.tokenizer import load_tokenizer
     from medusa_jax.weights import load_model_config
 
     prompts = read_prompts(args)
@@ -192,14 +191,28 @@ def check_inputs(args):
         if heads is None:
             raise ValueError("--tree needs Medusa heads: drop it, or give heads with --medusa")
         check_tree(args.tree)
-    acceptance = None
-    if heads:
-        from medusa_jax.decoding.acceptance import get_rule
+    acceptance = _acceptance(args, heads)
+    ids = _encode(load_tokenizer(tokenizer or model), load_model_config(model), prompts, args)
+    return prompts, ids, (model, heads, tokenizer), acceptance
 
-        acceptance = resolve_acceptance(args.acceptance, args.temperature)
-        get_rule(acceptance, args.posterior_threshold, args.posterior_alpha)  # ranges, now
-    cfg = load_model_config(model)
-    tok = load_tokenizer(tokenizer or model)
+
+def _acceptance(args, heads):
+    """The acceptance rule's name (None without heads), its parameters checked now."""
+    if not heads:
+        return None
+    from medusa_jax.api import resolve_acceptance
+    from medusa_jax.decoding.acceptance import get_rule
+
+    acceptance = resolve_acceptance(args.acceptance, args.temperature)
+    get_rule(acceptance, args.posterior_threshold, args.posterior_alpha)  # ranges, now
+    return acceptance
+
+
+def _encode(tok, cfg, prompts, args) -> list[list[int]]:
+    """Token ids of every prompt, each checked against the context."""
+    from medusa_jax.decoding.common import check_lengths
+    from medusa_jax.tokenizer import encode_prompt
+
     ids = []
     for i, text in enumerate(prompts):
         ids.append(encode_prompt(tok, text, chat=not args.raw))
@@ -207,16 +220,14 @@ def check_inputs(args):
             check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
         except ValueError as e:
             raise ValueError(f"prompt {i}: {e}") from None
-    return prompts, ids, (model, heads, tokenizer), acceptance
+    return ids
 
 
 def _check_random_inputs(args, prompts):
     """``check_inputs`` for ``--random-weights --preset NAME`` (no files to read but heads)."""
-    from medusa_jax.api import resolve_acceptance
-    from medusa_jax.decoding.common import check_lengths
     from medusa_jax.decoding.medusa import check_tree
     from medusa_jax.presets import PRESETS, preset_config, preset_heads
-    from medusa_jax.tokenizer import byte_tokenizer_hf, encode_prompt
+    from medusa_jax.tokenizer import byte_tokenizer_hf
 
     names = ", ".join(PRESETS)
     if not args.random_weights:
@@ -233,16 +244,8 @@ def _check_random_inputs(args, prompts):
                          "--medusa PATH, or drop --compare/--tree")
     if args.tree != "default":
         check_tree(args.tree)
-    acceptance = resolve_acceptance(args.acceptance, args.temperature) if heads else None
-    tok = byte_tokenizer_hf()
-    ids = []
-    for i, text in enumerate(prompts):
-        ids.append(encode_prompt(tok, text, chat=not args.raw))
-        try:
-            check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
-        except ValueError as e:
-            raise ValueError(f"prompt {i}: {e}") from None
-    return prompts, ids, (None, heads, None), acceptance
+    acceptance = _acceptance(args, heads)
+    return prompts, _encode(byte_tokenizer_hf(), cfg, prompts, args), (None, heads, None), acceptance
 
 
 def run(args) -> int:
