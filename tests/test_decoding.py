@@ -319,13 +319,14 @@ def test_perfect_draft_truncated_reference(tiny_cfg, mcfg, mparams, greedy4):
     assert all(m >= depth + 1 - depth / s for m, s in zip(res["mean_accepted"], steps, strict=True))
 
 
-# ----------------------------------------------------------------------------- 7. typical
+# ----------------------------------------------------------------------------- 7. typical and lossless, cold
 
 
+@pytest.mark.parametrize("rule", ["typical", "lossless"])
 @pytest.mark.parametrize("temp", [0.0, 1e-4], ids=["T0", "T1e-4"])
-def test_typical_cold_is_greedy(temp, tiny_cfg, mcfg, mparams, greedy4):
+def test_sampling_rule_cold_is_greedy(rule, temp, tiny_cfg, mcfg, mparams, greedy4):
     g = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=temp))
-    st = make_settings(CUSTOM_TREE, 4, g, acceptance="typical")
+    st = make_settings(CUSTOM_TREE, 4, g, acceptance=rule)
     res = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=11)
     assert res["tokens"] == greedy4["tokens"]
     _check_stats(res, len(PROMPTS), 3)
@@ -424,15 +425,6 @@ def test_eos_ids_given_as_list_are_normalised():
 
 
 # ----------------------------------------------------------------------------- 8. lossless
-
-
-@pytest.mark.parametrize("temp", [0.0, 1e-4], ids=["T0", "T1e-4"])
-def test_lossless_cold_is_greedy(temp, tiny_cfg, mcfg, mparams, greedy4):
-    g = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=temp))
-    st = make_settings(CUSTOM_TREE, 4, g, acceptance="lossless")
-    res = medusa_generate(tiny_cfg, mcfg, mparams, PROMPTS, st, seed=11)
-    assert res["tokens"] == greedy4["tokens"]
-    _check_stats(res, len(PROMPTS), 3)
 
 
 def test_lossless_seeded_and_rows_independent(tiny_cfg, mcfg, mparams, greedy4):
