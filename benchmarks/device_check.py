@@ -276,6 +276,13 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
                 json.dump(report, f)
         return r
 
+    def record_medusa(m: Model, batch: int, pb, van: dict, nodes: int, proposer: str):
+        """One Medusa run, recorded, with its greedy equality against ``van``."""
+        ref = van["tokens"] if proposer == "oracle" else None
+        r = record(m.name, run_medusa(m, pb, plan.max_new, nodes, proposer, ref))
+        report["equality"][f"{m.name} b{batch} {proposer} {nodes}"] = first_divergence(
+            m, pb, van["tokens"], r["tokens"])
+
     # 1. the big shape at batch 1: vanilla vs Medusa (oracle, 63-node tree)
     big = Model(plan.big, plan.dtype)
     report["build_s"] = {plan.big: big.build_s}
@@ -316,15 +323,10 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
         for nodes in sizes:
             if not budget.ok(f"{plan.small} batch {batch} heads {nodes}", 20):
                 continue
-            r = record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "heads"))
-            report["equality"][f"{plan.small} b{batch} heads {nodes}"] = first_divergence(
-                small, pb, van["tokens"], r["tokens"])
+            record_medusa(small, batch, pb, van, nodes, "heads")
         for nodes in (5, 64):
             if budget.ok(f"{plan.small} batch {batch} oracle {nodes}", 20):
-                r = record(plan.small, run_medusa(small, pb, plan.max_new, nodes, "oracle",
-                                                  van["tokens"]))
-                report["equality"][f"{plan.small} b{batch} oracle {nodes}"] = first_divergence(
-                    small, pb, van["tokens"], r["tokens"])
+                record_medusa(small, batch, pb, van, nodes, "oracle")
 
     # 4. the big shape: step time per tree size at batch 1, chain and 63-node at batch 8 (with
     # one shape for both, as in the smoke run, section 3 measured these already)
@@ -338,10 +340,7 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
         van = record(plan.big, run_vanilla(big, pb, plan.max_new))
         for nodes in (5, 64):
             if budget.ok(f"{plan.big} batch {batch} oracle {nodes}", 40):
-                r = record(plan.big, run_medusa(big, pb, plan.max_new, nodes, "oracle",
-                                                van["tokens"]))
-                report["equality"][f"{plan.big} b{batch} oracle {nodes}"] = first_divergence(
-                    big, pb, van["tokens"], r["tokens"])
+                record_medusa(big, batch, pb, van, nodes, "oracle")
     return report
 
 
