@@ -229,16 +229,3 @@ def get_rule(acceptance, threshold: float | None = None, alpha: float | None = N
         return Typical(**kw)
     return RULES[acceptance]()
 
-
-# the functional forms, kept for callers of the old names
-def greedy_accept(tree_tokens, logits, tree: TreeBuffers):
-    best, n, _ = Greedy().accept(tree_tokens, logits, tree, SamplingConfig(), None)
-    return best, n
-
-
-def typical_accept(tree_tokens, logits, tree: TreeBuffers, temperature: float,
-                   posterior_threshold: float, posterior_alpha: float):
-    rule = Typical(posterior_threshold, posterior_alpha)
-    best, n, _ = rule.accept(tree_tokens, logits, tree, SamplingConfig(temperature=temperature),
-                             jax.random.PRNGKey(0))
-    return best, n

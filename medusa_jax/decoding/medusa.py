@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.decoding.acceptance import RULES, AcceptanceError, Rule, get_rule
+from medusa_jax.decoding.acceptance import AcceptanceError, Rule, get_rule
 from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
@@ -39,8 +39,6 @@ from medusa_jax.model.cache import KVCache
 from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits, hydra_hidden
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.tree import TreeBuffers, TreeError, build_tree, get_tree
-
-ACCEPTANCE_RULES = tuple(RULES)
 
 
 @dataclasses.dataclass(frozen=True)
