@@ -196,6 +196,11 @@ def _cases():
             ("entropy_nats_T07", mid, 2)]:
         lg = np.stack([root, _peaked(5), flat, flat, flat, flat])
         cases[name] = ([0, x, 7, 5, 0, 1], lg)
+    # two one-token paths whose likelihoods differ by less than float32 resolves next to a
+    # length scaled by 1e6: p = .28 ([0], first in order) vs .30 ([1]); [1] must win
+    near = np.log(np.array([.28, .30] + [.07] * 6))
+    lg = np.stack([near, _peaked(5), _peaked(5), flat, flat, flat])
+    cases["near_tie_by_likelihood"] = ([0, 0, 1, 0, 1, 0], lg)
     return cases
 
 

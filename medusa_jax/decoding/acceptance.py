@@ -151,9 +151,9 @@ class Typical:
         steps = np.arange(ridx.shape[1])[None, None, :]
         lp = jnp.take(tok_logp, np.where(ridx >= 0, ridx, 0), axis=1)  # [B, P, D+1]
         lp = jnp.where((steps >= 1) & (steps < lengths[..., None]), lp, 0.0).sum(-1)
-        # length dominates, likelihood only breaks ties (lp <= 0 and bounded by depth*max|logp|)
-        score = lengths.astype(jnp.float32) * 1e6 + lp
-        best = jnp.argmax(score, axis=-1)
+        # the longest paths, and among them the likeliest (first on exact ties)
+        longest = lengths == jnp.max(lengths, axis=-1, keepdims=True)
+        best = jnp.argmax(jnp.where(longest, lp, -jnp.inf), axis=-1)
         n = jnp.take_along_axis(lengths, best[:, None], axis=1)[:, 0]
         return best, n, sample(_at(logits, _leaf(tree, best, n)), key, sampling)
 
