@@ -179,6 +179,19 @@ def test_filter_logits_top_p_top_k():
     np.testing.assert_allclose(x[0], np.log(probs) / 0.5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked rows: top-16 suffice; flat: the sort runs
+def test_top_p_candidates_equal_the_full_sort(scale):
+    """The cutoff found among the largest ``candidates`` logits (falling back to a full sort when
+    they hold too little mass) keeps exactly the set a full sort keeps."""
+    logits = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 512)) * scale
+    cfg = SamplingConfig(temperature=0.7, top_p=0.9, top_k=300)
+    fast = np.isfinite(np.asarray(filter_logits(logits, cfg, candidates=16)))
+    full = np.isfinite(np.asarray(filter_logits(logits, cfg, candidates=512)))
+    assert 1 < full.sum(-1).max() < 300  # the cut is not trivial
+    assert (full.sum(-1).max() <= 16) == (scale > 1)  # each case takes the branch it names
+    np.testing.assert_array_equal(fast, full)
+
+
 # ----------------------------------------------------------------------------- 3. streaming
 
 

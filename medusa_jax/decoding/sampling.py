@@ -31,21 +31,41 @@ class SamplingConfig:
         return self.temperature == 0
 
 
-def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+# top-p looks for its cutoff among this many of the largest logits first: a full sort of a
+# 49k-token vocabulary costs XLA:CPU ~15 ms per row, top_k a fraction of that (the sort is the
+# fallback, so the result is exact either way)
+TOP_P_CANDIDATES = 256
+
+
+def filter_logits(logits: jax.Array, cfg: SamplingConfig,
+                  candidates: int = TOP_P_CANDIDATES) -> jax.Array:
     """Temperature, top-k and top-p applied to ``logits: [..., V]`` (float32). Removed entries
-    become -inf. Not used in greedy mode."""
+    become -inf. Not used in greedy mode.
+
+    Top-p keeps the smallest set of most likely tokens whose mass reaches ``top_p`` (at least the
+    best one). Its cutoff is found among the ``candidates`` largest logits; only when those hold
+    less than ``top_p`` of the mass in some row is the whole vocabulary sorted, so the kept set
+    is the same as with a full sort."""
     x = logits.astype(jnp.float32) / cfg.temperature
     if cfg.top_k > 0 and cfg.top_k < x.shape[-1]:
         kth = jax.lax.top_k(x, cfg.top_k)[0][..., -1:]
         x = jnp.where(x < kth, -jnp.inf, x)
     if cfg.top_p < 1.0:
-        sorted_x = jnp.sort(x, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        cum = jnp.cumsum(probs, axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the best token)
-        keep = (cum - probs) < cfg.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_x, jnp.inf), axis=-1, keepdims=True)
-        x = jnp.where(x < cutoff, -jnp.inf, x)
+        lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+
+        def cutoff(top):  # top: the largest logits of each row, descending
+            probs = jnp.exp(top - lse)
+            cum = jnp.cumsum(probs, axis=-1)
+            keep = (cum - probs) < cfg.top_p  # the mass before a token is still short of top_p
+            return jnp.min(jnp.where(keep, top, jnp.inf), axis=-1, keepdims=True), cum[..., -1]
+
+        full = lambda: cutoff(jnp.sort(x, axis=-1)[..., ::-1])[0]
+        if candidates < x.shape[-1]:
+            cut, mass = cutoff(jax.lax.top_k(x, candidates)[0])
+            cut = jax.lax.cond(jnp.all(mass >= cfg.top_p), lambda: cut, full)
+        else:
+            cut = full()
+        x = jnp.where(x < cut, -jnp.inf, x)
     return x
 
 
