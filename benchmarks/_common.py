@@ -7,7 +7,6 @@ on ``sys.path``).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
@@ -146,61 +145,21 @@ def command_line() -> str:
 
 # --------------------------------------------------------------------------- timing
 class JaxTimer:
-    """Times one call of our ``generate`` / ``medusa_generate``, splitting prefill from the decode
-    loop and excluding compile time.
-
-    Both loops call ``drive(step, state_after_prefill, ...)`` (a module global of
-    ``medusa_jax.decoding.vanilla`` / ``.medusa``); while active, this wraps it to block on the
-    state before and after, so ``prefill_s`` (host prep + prefill) and ``decode_s`` are measured
-    separately. Compile time (``COMPILE_SECONDS``, which ``compiled_call`` advances) is subtracted
-    from each part and returned as ``compile_s``."""
-
-    def __init__(self):
-        import medusa_jax.decoding.medusa as medusa_mod
-        import medusa_jax.decoding.vanilla as vanilla_mod
-        from medusa_jax.decoding.common import COMPILE_SECONDS
-
-        self._mods = [m for m in (vanilla_mod, medusa_mod) if hasattr(m, "drive")]
-        if len(self._mods) != 2:
-            raise RuntimeError("medusa_jax.decoding.{vanilla,medusa} no longer call `drive`: "
-                               "update benchmarks/_common.py JaxTimer")
-        self._compile = COMPILE_SECONDS
-        self._orig = vanilla_mod.drive
-        self._marks: list[tuple[float, float]] = []
-
-    def _drive(self, step_fn, state, limit, chunk, on_chunk=None):
-        import jax
-
-        jax.block_until_ready(state)
-        self._marks.append((time.perf_counter(), self._compile[0]))
-        state, interrupted = self._orig(step_fn, state, limit, chunk, on_chunk)
-        jax.block_until_ready(state)
-        self._marks.append((time.perf_counter(), self._compile[0]))
-        return state, interrupted
-
-    @contextlib.contextmanager
-    def _patched(self):
-        for m in self._mods:
-            m.drive = self._drive
-        try:
-            yield
-        finally:
-            for m in self._mods:
-                m.drive = self._orig
+    """Times one call of our ``generate`` / ``medusa_generate``: the loops report their prefill
+    and decode-loop wall times with compile time excluded, and the compile time itself
+    (``prefill_seconds``, ``decode_seconds``, ``compile_seconds``); ``total_s`` is the call's wall
+    time less that compile time."""
 
     def run(self, fn: Callable[[], dict]) -> tuple[dict, dict]:
         """``fn()`` -> (its result, ``{total_s, prefill_s, decode_s, compile_s}``)."""
-        self._marks = []
-        c0, t0 = self._compile[0], time.perf_counter()
-        with self._patched():
-            res = fn()
-        t1, c1 = time.perf_counter(), self._compile[0]
-        (td0, cd0), (td1, cd1) = self._marks
+        t0 = time.perf_counter()
+        res = fn()
+        wall = time.perf_counter() - t0
         times = {
-            "total_s": (t1 - t0) - (c1 - c0),
-            "prefill_s": (td0 - t0) - (cd0 - c0),
-            "decode_s": (td1 - td0) - (cd1 - cd0),
-            "compile_s": c1 - c0,
+            "total_s": wall - res["compile_seconds"],
+            "prefill_s": res["prefill_seconds"],
+            "decode_s": res["decode_seconds"],
+            "compile_s": res["compile_seconds"],
         }
         return res, times
 

@@ -266,7 +266,7 @@ Command: `{C.command_line()}`
 - Interleaving: per prompt every variant runs once; the order rotates by one variant from prompt
   to prompt. One warm-up run per variant on the first prompt before timing.
 - Timed: the whole generate call (prefill + decode, host work included), compile time excluded
-  (ours: `COMPILE_SECONDS`, which `compiled_call` advances, subtracted; a new prompt-length bucket
+  (ours: the `compile_seconds` the loops report, subtracted; a new prompt-length bucket
   compiles a new shape during the timed runs, reported as "other prompt lengths").
 - tokens/s = total new tokens / total seconds over all prompts. "per-prompt ratio": per prompt,
   (baseline s/token) / (variant s/token), a paired ratio less sensitive to slow spells.

@@ -133,22 +133,21 @@ class Model:
 
 
 def run_vanilla(m: Model, prompts, max_new: int) -> dict:
-    from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationSettings
+    from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.vanilla import generate
 
     gen = GenerationSettings(max_new_tokens=max_new, eos_token_ids=())
-    c0 = COMPILE_SECONDS[0]
-    generate(m.cfg, m.params["base"], prompts, gen)  # compile + warm-up
+    compile_s = generate(m.cfg, m.params["base"], prompts, gen)["compile_seconds"]  # + warm-up
     res = generate(m.cfg, m.params["base"], prompts, gen)
     n = sum(len(t) for t in res["tokens"])
     dec = res["decode_seconds"]
     return {"kind": "vanilla", "batch": len(prompts), "tree_nodes": 1, "tokens": res["tokens"],
             "tok_s": n / dec if dec else 0.0, "step_ms": 1e3 * dec / max_new,
-            "mean_accepted": 1.0, "compile_s": COMPILE_SECONDS[0] - c0}
+            "mean_accepted": 1.0, "compile_s": compile_s + res["compile_seconds"]}
 
 
 def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, reference=None) -> dict:
-    from medusa_jax.decoding.common import COMPILE_SECONDS, GenerationSettings
+    from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.oracle import oracle_proposer, with_reference
 
@@ -158,8 +157,8 @@ def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, refer
     if proposer == "oracle":
         params = with_reference(m.params, reference)
         propose = oracle_proposer(st.tree.depth, st.tree.topk)
-    c0 = COMPILE_SECONDS[0]
-    medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
+    compile_s = medusa_generate(m.cfg, m.mcfg, params, prompts, st,
+                                propose=propose)["compile_seconds"]  # + warm-up
     res = medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
     n = sum(len(t) for t in res["tokens"])
     dec, steps = res["decode_seconds"], max(res["steps"])
@@ -167,7 +166,7 @@ def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, refer
             "tokens": res["tokens"], "tok_s": n / dec if dec else 0.0,
             "step_ms": 1e3 * dec / max(steps, 1),
             "mean_accepted": float(sum(res["mean_accepted"]) / len(prompts)),
-            "compile_s": COMPILE_SECONDS[0] - c0}
+            "compile_s": compile_s + res["compile_seconds"]}
 
 
 def first_divergence(m: Model, prompts, vanilla, other) -> dict:
@@ -177,15 +176,13 @@ def first_divergence(m: Model, prompts, vanilla, other) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from medusa_jax.model.llama import LlamaModel
-
-    model = LlamaModel(m.cfg)
+    from medusa_jax.model import llama
 
     @jax.jit
     def last_logits(params, seq, n):  # right padding is invisible to a causal forward
-        h, _ = model.apply({"params": params}, seq)
+        h, _ = llama.forward(m.cfg, params, seq)
         h = jax.lax.dynamic_index_in_dim(h[0], n - 1, keepdims=False)
-        return model.apply({"params": params}, h, method=LlamaModel.logits)
+        return llama.logits(m.cfg, params, h)
 
     width = max(len(p) for p in prompts) + max(len(v) for v in vanilla)
     rows = []

@@ -16,7 +16,6 @@ import numpy as np
 
 from medusa_jax.config import MedusaConfig, ModelConfig
 from medusa_jax.decoding.common import (
-    COMPILE_SECONDS,
     HOST_CHUNK_STEPS,
     GenerationError,
     GenerationSettings,
@@ -195,7 +194,6 @@ class MedusaLM:
         if stream is not None:
             on_chunk = self._streamer(stream, streamed)
         chunk = stream_every if stream is not None else HOST_CHUNK_STEPS
-        c0 = COMPILE_SECONDS[0]
         if use_medusa:
             tree = check_tree(self.default_tree(len(ids)) if tree == "default" else tree,
                               self.mcfg.num_heads, self.proposal_size)
@@ -207,7 +205,7 @@ class MedusaLM:
         else:
             res = vanilla_generate(self.cfg, self.params["base"], ids, gen, seed=seed,
                                    stream_every=chunk, on_chunk=on_chunk)
-        compile_s = COMPILE_SECONDS[0] - c0
+        compile_s = res["compile_seconds"]
         pre, dec = res["prefill_seconds"], res["decode_seconds"]
         if stream is not None:  # flush what the last chunk did not show
             on_chunk(None, None, final=res["tokens"])

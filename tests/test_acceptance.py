@@ -24,7 +24,7 @@ from medusa_jax.decoding.acceptance import Typical
 from medusa_jax.decoding.common import GenerationSettings
 from medusa_jax.decoding.medusa import make_settings, medusa_generate
 from medusa_jax.decoding.sampling import SamplingConfig, filter_logits
-from medusa_jax.model import LlamaModel, init_params
+from medusa_jax.model import init_params, llama
 from medusa_jax.model.heads import init_medusa_params
 from medusa_jax.tree import build_tree
 
@@ -53,9 +53,8 @@ def imperfect_propose(params, hidden, state):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _last_probs(cfg, params, tokens):
-    m = LlamaModel(cfg)
-    h, _ = m.apply({"params": params}, tokens)
-    logits = m.apply({"params": params}, h[:, -1], method=LlamaModel.logits)
+    h, _ = llama.forward(cfg, params, tokens)
+    logits = llama.logits(cfg, params, h[:, -1])
     return jax.nn.softmax(filter_logits(logits, HOT), axis=-1)
 
 
@@ -261,13 +260,12 @@ def test_typical_loop_agrees_with_the_reference_step_by_step(small):
     from medusa_jax.decoding.medusa import heads_proposer
 
     propose = heads_proposer(mcfg, cfg, buf.topk, buf.depth)
-    model = LlamaModel(cfg)
     checked = 0
     for b, (prompt, out) in enumerate(zip(prompts, res["tokens"], strict=True)):
         pos, steps = 0, 0
         while pos < len(out):
             ctx = jnp.asarray([prompt + out[:pos]])
-            h, _ = model.apply({"params": params}, ctx)
+            h, _ = llama.forward(cfg, params, ctx)
             root = out[pos]
             cand = np.asarray(propose(full, h[:, -1], None))[0]  # [depth, k]
             flat = np.concatenate([[root], cand[:, : buf.topk].reshape(-1)])
@@ -276,9 +274,8 @@ def test_typical_loop_agrees_with_the_reference_step_by_step(small):
             node_logits = []
             for i in range(buf.num_nodes):
                 path = [int(tree_toks[j]) for j in _ancestors(buf, i)]
-                hh, _ = model.apply({"params": params}, jnp.asarray([prompt + out[:pos] + path]))
-                node_logits.append(np.asarray(model.apply({"params": params}, hh[0, -1],
-                                                          method=LlamaModel.logits)))
+                hh, _ = llama.forward(cfg, params, jnp.asarray([prompt + out[:pos] + path]))
+                node_logits.append(np.asarray(llama.logits(cfg, params, hh[0, -1])))
             best, n = typical_reference(tree_toks.tolist(), [x.tolist() for x in node_logits],
                                         TREE, 0.8, 0.09, 0.3)
             # the loop emitted exactly the accepted tokens of this step

@@ -21,7 +21,7 @@ from medusa_jax.decoding.medusa import MedusaSettings, make_settings, medusa_gen
 from medusa_jax.decoding.oracle import oracle_proposer
 from medusa_jax.decoding.sampling import SamplingConfig, filter_logits
 from medusa_jax.decoding.vanilla import generate
-from medusa_jax.model import LlamaModel
+from medusa_jax.model import llama
 from medusa_jax.model.heads import init_medusa_params
 from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.tree import TreeError, build_tree, chain_tree, get_tree
@@ -39,9 +39,8 @@ NAIVE_WIDTH = 48  # the naive reference recomputes over [B, NAIVE_WIDTH] tokens 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _all_logits(cfg, params, tokens):
-    m = LlamaModel(cfg)
-    h, _ = m.apply({"params": params}, tokens)
-    return m.apply({"params": params}, h, method=LlamaModel.logits)
+    h, _ = llama.forward(cfg, params, tokens)
+    return llama.logits(cfg, params, h)
 
 
 def naive_greedy(cfg, params, prompts, n):

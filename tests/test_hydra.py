@@ -18,7 +18,7 @@ from medusa_jax.config import ConfigError, MedusaConfig
 from medusa_jax.decoding.common import GenerationSettings
 from medusa_jax.decoding.medusa import hydra_proposer, make_settings, medusa_generate
 from medusa_jax.decoding.vanilla import generate
-from medusa_jax.model import LlamaModel
+from medusa_jax.model import llama
 from medusa_jax.model.heads import draft_to_vocab, head_logits, hydra_hidden, init_medusa_params
 from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.tree import TreeError, build_tree, get_tree, trim_tree
@@ -48,12 +48,11 @@ def reference_draft(cfg, mcfg, params, hidden, root, choices):
     """Tree tokens ``[B, T]`` the slow way: for every node with children, run its head once on
     that node's own path (root .. node) and give its child of rank r the rank-r token."""
     tree = build_tree(choices)
-    model = LlamaModel(cfg)
     emb = params["base"]["embed"]["embedding"]
     lm = lm_head_weight(params["base"], cfg) if mcfg.draft_ids is not None else None
 
     def proj(x):
-        return model.apply({"params": params["base"]}, x, method=LlamaModel.logits)
+        return llama.logits(cfg, params["base"], x)
 
     tok = {(): np.asarray(root)}
     for path in tree.paths:

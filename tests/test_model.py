@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from medusa_jax.config import tiny_config
-from medusa_jax.model import KVCache, LlamaModel, init_params, stack_layers, unstack_layers
+from medusa_jax.model import KVCache, LlamaModel, init_params, llama, stack_layers, unstack_layers
 from medusa_jax.tree import build_tree, get_tree
 
 CUSTOM_TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
@@ -23,17 +23,15 @@ REF_WIDTH = 32  # every reference full forward runs on [N, REF_WIDTH] tokens (on
 @functools.partial(jax.jit, static_argnums=0)
 def full_forward(cfg, params, tokens):
     """Plain causal forward without a cache: hidden ``[B, T, D]`` and logits ``[B, T, V]``."""
-    m = LlamaModel(cfg)
-    h, _ = m.apply({"params": params}, tokens)
-    return h, m.apply({"params": params}, h, method=LlamaModel.logits)
+    h, _ = llama.forward(cfg, params, tokens)
+    return h, llama.logits(cfg, params, h)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def cached_forward(cfg, params, tokens, positions, cache, chunk_mask):
     """Forward through the cache (tokens written at ``cache.lengths``, lengths not advanced)."""
-    m = LlamaModel(cfg)
-    h, cache = m.apply({"params": params}, tokens, positions, cache, chunk_mask)
-    return h, m.apply({"params": params}, h, method=LlamaModel.logits), cache
+    h, cache = llama.forward(cfg, params, tokens, positions, cache, chunk_mask)
+    return h, llama.logits(cfg, params, h), cache
 
 
 def _pad(rows, width=REF_WIDTH):
@@ -272,13 +270,12 @@ def test_decode_step_copies_neither_cache_nor_weights(batch, tiny_cfg, tiny_para
     layer, plus q_proj and a transposed o_proj, every step: more memory traffic than the
     weights themselves on the default model."""
     cfg = tiny_cfg
-    model = LlamaModel(cfg)
     cache = KVCache.init(cfg, batch, 48).replace(lengths=jnp.full((batch,), 5, jnp.int32))
 
     @functools.partial(jax.jit, donate_argnums=1)  # as in the decode loops: updated in place
     def step(params, cache, tok):
-        h, cache = model.apply({"params": params}, tok, cache=cache)
-        return model.apply({"params": params}, h, method=LlamaModel.logits), cache
+        h, cache = llama.forward(cfg, params, tok, cache=cache)
+        return llama.logits(cfg, params, h), cache
 
     hlo = step.lower(tiny_params, cache, jnp.ones((batch, 1), jnp.int32)).compile().as_text()
     shapes = []

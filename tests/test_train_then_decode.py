@@ -61,7 +61,7 @@ def test_the_exported_base_loads_in_transformers(run_dir):
     import torch
     import transformers
 
-    from medusa_jax.model.llama import LlamaModel
+    from medusa_jax.model import llama
     from medusa_jax.tokenizer import load_tokenizer
     from medusa_jax.training.prepare import ByteTokenizer
     from medusa_jax.weights import load_base_model
@@ -78,9 +78,8 @@ def test_the_exported_base_loads_in_transformers(run_dir):
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     cfg, params = load_base_model(base)
-    m = LlamaModel(cfg)
-    h, _ = m.apply({"params": params}, jnp.asarray([ids]))
-    ours = np.asarray(m.apply({"params": params}, h, method=LlamaModel.logits))[0]
+    h, _ = llama.forward(cfg, params, jnp.asarray([ids]))
+    ours = np.asarray(llama.logits(cfg, params, h))[0]
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     gen = transformers.GenerationConfig.from_pretrained(base)
     assert gen.eos_token_id == cfg.eos_token_ids[0]

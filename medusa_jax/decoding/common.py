@@ -12,7 +12,7 @@ import numpy as np
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.decoding.sampling import SamplingConfig
-from medusa_jax.model.llama import LlamaModel
+from medusa_jax.model import llama
 
 PROMPT_BUCKET_MIN = 16
 
@@ -83,10 +83,10 @@ def check_lengths(cfg: ModelConfig, prompt_len: int, max_new_tokens: int, extra:
     return cache_len
 
 
-def prefill(model: LlamaModel, params, tokens, prompt_lens, cache):
+def prefill(cfg: ModelConfig, params, tokens, prompt_lens, cache):
     """Run the prompts through the model. Returns the final hidden state at each row's last
     prompt token ``[B, D]`` and the cache advanced to ``prompt_lens``."""
-    hidden, cache = model.apply({"params": params}, tokens, cache=cache)  # [B, Tp, D]
+    hidden, cache = llama.forward(cfg, params, tokens, cache=cache)  # [B, Tp, D]
     last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     return last, cache.advance(prompt_lens)
 
@@ -157,16 +157,24 @@ def drive(step_fn: Callable, state, limit: int, chunk: int | None,
 
 
 class Timer:
-    """Wall time of the host and device work between ``mark()`` calls, less the compile time
-    ``compiled_call`` spent in between (the caller blocks on results before marking)."""
+    """Wall time of the host and device work between ``mark()`` calls, less the compile time of
+    the calls made through ``compiled`` in between (the caller blocks on results before
+    marking). ``compile_seconds``: all compile time so far."""
 
     def __init__(self):
-        self._t, self._c = time.perf_counter(), COMPILE_SECONDS[0]
+        self._t, self._c, self.compile_seconds = time.perf_counter(), 0.0, 0.0
+
+    def compiled(self, fn, *args, **static):
+        """``compiled_call(fn, *args, **static)``'s result; its compile time is counted here."""
+        out, seconds = compiled_call(fn, *args, **static)
+        self._c += seconds
+        self.compile_seconds += seconds
+        return out
 
     def mark(self) -> float:
-        t, c = time.perf_counter(), COMPILE_SECONDS[0]
-        dt = (t - self._t) - (c - self._c)
-        self._t, self._c = t, c
+        t = time.perf_counter()
+        dt = (t - self._t) - self._c
+        self._t, self._c = t, 0.0
         return max(dt, 0.0)
 
 
@@ -175,18 +183,18 @@ def trim_outputs(out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:
 
 
 _COMPILED: dict = {}
-COMPILE_SECONDS = [0.0]  # compile time spent so far in this process (reported, not timed)
 
 
 def compiled_call(fn, *args, **static):
     """Call the jitted ``fn`` through an ahead-of-time compiled executable cached per static
-    settings and argument shapes, so compile time is measured apart from run time."""
+    settings and argument shapes, so compile time is measured apart from run time. Returns
+    ``(result, seconds spent compiling in this call)`` (0.0 when the executable was cached)."""
     leaves, treedef = jax.tree.flatten(args)
     key = (fn, tuple(sorted(static.items())), treedef,
            tuple((np.shape(x), jnp.result_type(x), getattr(x, "weak_type", False)) for x in leaves))
-    exe = _COMPILED.get(key)
+    exe, seconds = _COMPILED.get(key), 0.0
     if exe is None:
         t = time.perf_counter()
         exe = _COMPILED[key] = fn.lower(*args, **static).compile()
-        COMPILE_SECONDS[0] += time.perf_counter() - t
-    return exe(*args)
+        seconds = time.perf_counter() - t
+    return exe(*args), seconds

@@ -28,16 +28,16 @@ from medusa_jax.decoding.common import (
     GenerationSettings,
     Timer,
     check_lengths,
-    compiled_call,
     drive,
     is_eos,
     pad_prompts,
     prefill,
     trim_outputs,
 )
+from medusa_jax.model import llama
 from medusa_jax.model.cache import KVCache
 from medusa_jax.model.heads import MedusaHeads, draft_to_vocab, head_logits, hydra_hidden
-from medusa_jax.model.llama import LlamaModel, lm_head_weight
+from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.tree import TreeBuffers, TreeError, build_tree, get_tree
 
 
@@ -123,14 +123,13 @@ def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int, depth: 
         mcfg = dataclasses.replace(mcfg, num_heads=max(depth, 1))
 
     def propose(params, hidden, state):
-        model = LlamaModel(base_cfg)
         medusa = params["medusa"]
         if mcfg.num_heads < full.num_heads:  # parameters are stacked over heads: [M, ...]
             medusa = {k: v[: mcfg.num_heads] for k, v in medusa.items()}
         hh = MedusaHeads(mcfg, dtype=base_cfg.dtype).apply({"params": medusa}, hidden)
 
         def base_proj(x):
-            return model.apply({"params": params["base"]}, x, method=LlamaModel.logits)
+            return llama.logits(base_cfg, params["base"], x)
 
         lm = lm_head_weight(params["base"], base_cfg) if mcfg.draft_ids is not None else None
         lg = head_logits(mcfg, medusa, hh, base_proj, lm)  # [B, M, V or V']
@@ -153,12 +152,11 @@ def hydra_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, choices: tuple[tup
     tree = _tree(choices)
 
     def propose(params, hidden, state, root):
-        model = LlamaModel(base_cfg)
         medusa, base = params["medusa"], params["base"]
         embedding = base["embed"]["embedding"]  # [V, E]: the base model's input embeddings
 
         def base_proj(x):
-            return model.apply({"params": base}, x, method=LlamaModel.logits)
+            return llama.logits(base_cfg, base, x)
 
         lm = lm_head_weight(base, base_cfg) if mcfg.draft_ids is not None else None
         B = root.shape[0]
@@ -207,7 +205,6 @@ def _append_many(out, n_out, done, toks, n, eos_ids, max_new):
 def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings, propose):
     tree = settings.tree
     depth = tree.depth
-    model = LlamaModel(cfg)
     sc = settings.gen.sampling
     rng, k_accept = jax.random.split(s.rng)
     root = s.root  # [B]
@@ -221,10 +218,10 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
 
     positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
     # the tree's K/V stay apart from the cache; only the accepted path is committed below
-    hidden, (cache, (tree_k, tree_v)) = LlamaModel(cfg, write=False).apply(
-        {"params": params["base"]}, tree_tokens, positions, s.cache,
-        np.asarray(tree.attn_mask))  # [B, T, D], [L, B, T, K, H] x 2
-    logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)  # [B, T, V]
+    hidden, (cache, (tree_k, tree_v)) = llama.forward(
+        cfg, params["base"], tree_tokens, positions, s.cache, np.asarray(tree.attn_mask),
+        write=False)  # [B, T, D], [L, B, T, K, H] x 2
+    logits = llama.logits(cfg, params["base"], hidden)  # [B, T, V]
 
     # the rule picks the path, its length and the token after it (per-row randomness: the key
     # is split over rows inside the rule's draws)
@@ -246,11 +243,10 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_len"))
 def _medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
                     settings: MedusaSettings, cache_len: int) -> MedusaState:
-    model = LlamaModel(cfg)
     B = tokens.shape[0]
     cache = KVCache.init(cfg, B, cache_len)
-    hidden, cache = prefill(model, params["base"], tokens, prompt_lens, cache)
-    logits = model.apply({"params": params["base"]}, hidden, method=LlamaModel.logits)
+    hidden, cache = prefill(cfg, params["base"], tokens, prompt_lens, cache)
+    logits = llama.logits(cfg, params["base"], hidden)
     depth = settings.tree.depth
     rng, k_root = jax.random.split(rng)
     root = settings.acceptance.first_root(logits, k_root, settings.gen.sampling)
@@ -285,7 +281,8 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     tokens) and ``head_accept`` (``[B, depth]``: steps where head ``k``'s guess was accepted).
     ``stream_every=n`` returns to the host every ``n`` steps and calls
     ``on_chunk(out, n_out)``; there a Ctrl-C stops the loop and the result says ``interrupted``.
-    ``prefill_seconds`` / ``decode_seconds``: wall time of each part, compile time excluded."""
+    ``prefill_seconds`` / ``decode_seconds``: wall time of each part, compile time excluded
+    (``compile_seconds``)."""
     timer = Timer()
     tree = settings.tree
     mcfg.check_compatible(cfg)
@@ -298,7 +295,7 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     extra = tree.num_nodes + tree.depth
     cache_len = check_lengths(cfg, int(lens.max()), max_new, extra=extra, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1], int(lens.max()) + max_new + extra)
-    state = compiled_call(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+    state = timer.compiled(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
                           cache_len=cache_len)
     jax.block_until_ready(state)
@@ -306,8 +303,8 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     propose = propose or default_proposer(mcfg, cfg, settings)
 
     def step(state, stop):
-        return compiled_call(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,
-                             propose=propose)
+        return timer.compiled(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,
+                              propose=propose)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
     state, interrupted = drive(step, state, max_new, stream_every, cb)
@@ -324,4 +321,5 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
         "interrupted": interrupted,
         "prefill_seconds": prefill_s,
         "decode_seconds": timer.mark(),
+        "compile_seconds": timer.compile_seconds,
     }

@@ -15,7 +15,6 @@ from medusa_jax.decoding.common import (
     GenerationSettings,
     Timer,
     check_lengths,
-    compiled_call,
     drive,
     is_eos,
     pad_prompts,
@@ -23,8 +22,8 @@ from medusa_jax.decoding.common import (
     trim_outputs,
 )
 from medusa_jax.decoding.sampling import sample
+from medusa_jax.model import llama
 from medusa_jax.model.cache import KVCache
-from medusa_jax.model.llama import LlamaModel
 
 
 @struct.dataclass
@@ -55,11 +54,10 @@ def _append(state_out, n_out, done, tok, eos_ids, max_new):
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_len"))
 def _vanilla_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
                      settings: GenerationSettings, cache_len: int) -> VanillaState:
-    model = LlamaModel(cfg)
     B = tokens.shape[0]
     cache = KVCache.init(cfg, B, cache_len)
-    last_h, cache = prefill(model, params, tokens, prompt_lens, cache)
-    logits = model.apply({"params": params}, last_h, method=LlamaModel.logits)  # [B, V]
+    last_h, cache = prefill(cfg, params, tokens, prompt_lens, cache)
+    logits = llama.logits(cfg, params, last_h)  # [B, V]
     rng, sub = jax.random.split(rng)
     tok = sample(logits, sub, settings.sampling)
     out = jnp.full((B, settings.max_new_tokens), settings.pad_token_id, jnp.int32)
@@ -71,14 +69,12 @@ def _vanilla_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"), donate_argnames=("state",))
 def _vanilla_decode(params, state: VanillaState, stop_step, *, cfg: ModelConfig,
                     settings: GenerationSettings) -> VanillaState:
-    model = LlamaModel(cfg)
-
     def cond(s: VanillaState):
         return (s.step < stop_step) & ~jnp.all(s.done)
 
     def body(s: VanillaState):
-        h, cache = model.apply({"params": params}, s.last[:, None], cache=s.cache)  # [B, 1, D]
-        logits = model.apply({"params": params}, h[:, 0], method=LlamaModel.logits)  # [B, V]
+        h, cache = llama.forward(cfg, params, s.last[:, None], cache=s.cache)  # [B, 1, D]
+        logits = llama.logits(cfg, params, h[:, 0])  # [B, V]
         rng, sub = jax.random.split(s.rng)
         tok = sample(logits, sub, settings.sampling)
         out, n_out, done = _append(s.out, s.n_out, s.done, tok, settings.eos_token_ids,
@@ -96,23 +92,23 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
     prompt, EOS included when hit) and ``steps``. ``stream_every=n`` returns to the host every
     ``n`` tokens and calls ``on_chunk(out [B, max_new], n_out [B])``; there a Ctrl-C stops the
     loop and the result says ``interrupted``. ``prefill_seconds`` / ``decode_seconds``: wall time
-    of each part, compile time excluded."""
+    of each part, compile time excluded (``compile_seconds``)."""
     timer = Timer()
     tokens, lens = pad_prompts(prompts, settings.pad_token_id)
     cache_len = check_lengths(cfg, int(lens.max()), settings.max_new_tokens, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1] + settings.max_new_tokens)
-    state = compiled_call(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+    state = timer.compiled(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
                           cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
 
     def step(state, stop):
-        return compiled_call(_vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
+        return timer.compiled(_vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
     state, interrupted = drive(step, state, settings.max_new_tokens, stream_every, cb)
     out, n_out = np.asarray(state.out), np.asarray(state.n_out)
     return {"tokens": trim_outputs(out, n_out), "steps": int(state.step) + 1,
             "interrupted": interrupted, "prefill_seconds": prefill_s,
-            "decode_seconds": timer.mark()}
+            "decode_seconds": timer.mark(), "compile_seconds": timer.compile_seconds}

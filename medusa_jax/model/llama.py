@@ -247,6 +247,20 @@ class LlamaModel(nn.Module):
         return self.embed(tokens)
 
 
+def forward(cfg: ModelConfig, params, tokens, positions=None, cache: KVCache | None = None,
+            chunk_mask=None, *, write: bool = True):
+    """``LlamaModel(cfg, write).__call__`` on ``params`` (the base model's parameter tree):
+    ``(hidden [B, T, D], cache)``, or with ``write=False`` ``(hidden, (cache, (k, v)))``."""
+    return LlamaModel(cfg, write=write).apply({"params": params}, tokens, positions, cache,
+                                              chunk_mask)
+
+
+def logits(cfg: ModelConfig, params, hidden) -> jax.Array:
+    """Hidden states ``[..., D]`` -> float32 logits ``[..., V]`` through the model's output
+    projection (tied or separate)."""
+    return LlamaModel(cfg).apply({"params": params}, hidden, method=LlamaModel.logits)
+
+
 def init_params(cfg: ModelConfig, rng=None) -> dict:
     """Random parameters (unboxed) for ``cfg`` — for tests and fresh models."""
     rng = jax.random.PRNGKey(0) if rng is None else rng

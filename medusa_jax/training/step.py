@@ -27,6 +27,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.model import llama
 from medusa_jax.model.heads import (
     head_logits,
     heads_module,
@@ -172,12 +173,8 @@ def _chunk_mask(batch):
 
 def base_hidden(model: LlamaModel, base_params, batch):
     """The base model's final-normed hidden states ``[B, T, D]`` for a training batch."""
-    hidden, _ = model.apply(
-        {"params": base_params},
-        batch["input_ids"],
-        batch.get("positions"),
-        chunk_mask=_chunk_mask(batch),
-    )
+    hidden, _ = llama.forward(model.cfg, base_params, batch["input_ids"], batch.get("positions"),
+                              chunk_mask=_chunk_mask(batch))
     return hidden
 
 
@@ -202,7 +199,7 @@ def _heads_loss(model, heads, tcfg, base_params, medusa_params, hidden, batch):
     )  # [B, T, M, D]
 
     def base_logits(h):
-        return model.apply({"params": base_params}, h, method=LlamaModel.logits)
+        return llama.logits(model.cfg, base_params, h)
 
     lm = lm_head_weight(base_params, model.cfg) if mcfg.draft_ids is not None else None
 
@@ -277,12 +274,12 @@ class _Steps:
         teacher = None
         if tcfg.kd:  # the original model's logits, outside the differentiated function
             teacher_hidden = base_hidden(model, frozen_base, batch)
-            teacher = model.apply({"params": frozen_base}, teacher_hidden, method=LlamaModel.logits)
+            teacher = llama.logits(model.cfg, frozen_base, teacher_hidden)
 
         def loss_fn(train):
             base = train["base"]
             hidden = base_hidden(model, base, batch)
-            logits = model.apply({"params": base}, hidden, method=LlamaModel.logits)  # [B, T, V]
+            logits = llama.logits(model.cfg, base, hidden)  # [B, T, V]
             if tcfg.kd:
                 lm, lm_metrics = kd_loss(logits, teacher, batch["loss_mask"], seg)
                 lm_metrics = {"kd_loss": lm, **lm_metrics}
