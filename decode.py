@@ -20,6 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # without torch (the main install) transformers advises installing it on import; we do not need it
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+from medusa_jax.errors import MedusaError  # noqa: E402
 from medusa_jax.platform import skip_absent_tpu  # noqa: E402  (before jax is imported)
 
 skip_absent_tpu()
@@ -114,12 +115,12 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except IsADirectoryError:
-        raise ValueError(f"--prompts-file {path} is a directory, not a JSONL file") from None
+        raise MedusaError(f"--prompts-file {path} is a directory, not a JSONL file") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}): convert it, "
-                         f"e.g. iconv -f latin1 -t utf-8") from None
+        raise MedusaError(f"--prompts-file {path} is not UTF-8 text (byte {e.start}): convert it, "
+                          f"e.g. iconv -f latin1 -t utf-8") from None
     except OSError as e:
-        raise ValueError(f"cannot read --prompts-file {path}: {e.strerror}") from None
+        raise MedusaError(f"cannot read --prompts-file {path}: {e.strerror}") from None
 
 
 def read_prompts(args) -> list[str]:
@@ -131,27 +132,27 @@ def read_prompts(args) -> list[str]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
+                raise MedusaError(f"{args.prompts_file}:{n}: not valid JSON ({e.msg})") from None
             if isinstance(rec, dict):
                 rec = rec.get("prompt") or rec.get("text") or (rec.get("turns") or [None])[0]
             if not isinstance(rec, str):
-                raise ValueError(f"{args.prompts_file}:{n}: no prompt string found")
+                raise MedusaError(f"{args.prompts_file}:{n}: no prompt string found")
             prompts.append(rec)
     if not prompts and not sys.stdin.isatty():
         try:
             data = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"standard input is not UTF-8 text (byte {e.start}): pipe text "
+            raise MedusaError(f"standard input is not UTF-8 text (byte {e.start}): pipe text "
                              "prompts, one per line") from None
         if "\x00" in data:
-            raise ValueError("standard input holds binary data (NUL bytes): pipe text prompts, "
+            raise MedusaError("standard input holds binary data (NUL bytes): pipe text prompts, "
                              "one per line")
         prompts = [line for line in data.splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("no prompt given: use --prompt, --prompts-file or standard input")
+        raise MedusaError("no prompt given: use --prompt, --prompts-file or standard input")
     for i, text in enumerate(prompts):
         if not text.strip():  # checked before the model is loaded: fail fast
-            raise ValueError(f"prompt {i} is empty: nothing to generate from")
+            raise MedusaError(f"prompt {i} is empty: nothing to generate from")
     return prompts
 
 
@@ -184,12 +185,12 @@ def check_inputs(args):
         return _check_random_inputs(args, prompts)
     model, heads, tokenizer = resolve_sources(args.model, args.medusa, args.tokenizer)
     if heads is None and args.medusa == "default" and (args.compare or args.tree != "default"):
-        raise ValueError("no Medusa heads for this model: give them with --medusa PATH")
+        raise MedusaError("no Medusa heads for this model: give them with --medusa PATH")
     if args.compare and heads is None:
-        raise ValueError("--compare needs Medusa heads (--medusa PATH)")
+        raise MedusaError("--compare needs Medusa heads (--medusa PATH)")
     if args.tree != "default":
         if heads is None:
-            raise ValueError("--tree needs Medusa heads: drop it, or give heads with --medusa")
+            raise MedusaError("--tree needs Medusa heads: drop it, or give heads with --medusa")
         check_tree(args.tree)
     acceptance = _acceptance(args, heads)
     ids = _encode(load_tokenizer(tokenizer or model), load_model_config(model), prompts, args)
@@ -219,7 +220,7 @@ def _encode(tok, cfg, prompts, args) -> list[list[int]]:
         try:
             check_lengths(cfg, len(ids[-1]), args.max_new_tokens)
         except ValueError as e:
-            raise ValueError(f"prompt {i}: {e}") from None
+            raise MedusaError(f"prompt {i}: {e}") from None
     return ids
 
 
@@ -231,16 +232,16 @@ def _check_random_inputs(args, prompts):
 
     names = ", ".join(PRESETS)
     if not args.random_weights:
-        raise ValueError("--preset names the shape of --random-weights: add --random-weights")
+        raise MedusaError("--preset names the shape of --random-weights: add --random-weights")
     if args.preset is None:
-        raise ValueError(f"--random-weights needs --preset NAME ({names})")
+        raise MedusaError(f"--random-weights needs --preset NAME ({names})")
     if args.model is not None or args.tokenizer is not None:
-        raise ValueError("--random-weights builds its own model: drop --model/--tokenizer")
+        raise MedusaError("--random-weights builds its own model: drop --model/--tokenizer")
     cfg = preset_config(args.preset, "float32")  # unknown preset: one clear error
     heads = preset_heads(args.preset) if args.medusa == "default" else args.medusa
     heads = None if heads in ("none", "") else heads
     if heads is None and (args.compare or args.tree != "default"):
-        raise ValueError(f"no Medusa heads for preset {args.preset!r}: give them with "
+        raise MedusaError(f"no Medusa heads for preset {args.preset!r}: give them with "
                          "--medusa PATH, or drop --compare/--tree")
     if args.tree != "default":
         check_tree(args.tree)
@@ -347,11 +348,9 @@ def compare(lm, prompts, ids, args, kw) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from medusa_jax.errors import USER_ERRORS
-
     try:
         return run(args)
-    except USER_ERRORS as e:
+    except MedusaError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

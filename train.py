@@ -142,15 +142,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("medusa_jax").setLevel(logging.INFO)  # ours at INFO, libraries quieter
-    from medusa_jax.config import ConfigError
-    from medusa_jax.distributed import DistributedError
-    from medusa_jax.sharding import ShardingError
-    from medusa_jax.weights.errors import CheckpointError
+    from medusa_jax.errors import MedusaError
 
     try:
         return run_distill(args) if args.command == "distill" else run_train(args)
-    except (ConfigError, CheckpointError, ShardingError, DistributedError, ValueError,
-            FileNotFoundError) as e:
+    except MedusaError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up

@@ -45,6 +45,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax import hlo
 from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.errors import MedusaError
 from medusa_jax.sharding import (
     MESH_AXES,
     MeshConfig,
@@ -86,7 +87,7 @@ MODEL_PRESETS["vicuna-7b"] = MODEL_PRESETS["llama2-7b"]
 MODEL_PRESETS["vicuna-13b"] = MODEL_PRESETS["llama2-13b"]
 
 
-class AOTError(ValueError):
+class AOTError(MedusaError):
     """The topology, the mesh or the program does not work out; the message says why and, for
     a program that does not fit, what would make it fit."""
 
@@ -761,7 +762,7 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     try:
         mcfg.check_compatible(cfg)
         settings = _decode_settings(tree, mcfg.num_heads, max_new_tokens)
-    except (ConfigError, ValueError) as e:
+    except MedusaError as e:
         raise AOTError(str(e)) from e
     tree_b = settings.tree
     params, state, stop = abstract_decode_inputs(cfg, mcfg, mesh, settings, batch_size,
@@ -940,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           batch_size=args.decode_batch, cache_len=args.cache_len,
                                           tree=args.tree, max_new_tokens=args.max_new_tokens,
                                           weight_layout=args.weight_layout))
-    except (AOTError, ConfigError, ShardingError) as e:
+    except MedusaError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in reports:

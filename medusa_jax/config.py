@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from medusa_jax.errors import MedusaError
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -24,7 +26,7 @@ HEAD_TYPES = ("medusa", "hydra")
 ATTENTION_IMPLS = ("auto", "xla", "reference", "pallas_gpu", "pallas_tpu")
 
 
-class ConfigError(ValueError):
+class ConfigError(MedusaError):
     """A configuration value is invalid; the message names the field and the value."""
 
 

@@ -40,6 +40,7 @@ from jax._src import distributed as _jax_distributed  # global_state: no backend
 from jax._src import xla_bridge as _xla_bridge
 from jax.sharding import Mesh
 
+from medusa_jax.errors import MedusaError
 from medusa_jax.sharding import ShardingError, batch_sharding
 
 ENV_COORDINATOR = "MEDUSA_COORDINATOR"
@@ -50,7 +51,7 @@ ENV_COORDINATOR_BIND = "MEDUSA_COORDINATOR_BIND"
 ENV_DISTRIBUTED = "MEDUSA_DISTRIBUTED"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MedusaError, RuntimeError):
     """The multi-process settings are incomplete or contradictory, or came too late."""
 
 

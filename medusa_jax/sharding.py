@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from medusa_jax.errors import MedusaError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Order matters for activations only: flax resolves an activation's names in this order and
@@ -58,7 +60,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(MedusaError):
     """A mesh or a sharding does not fit: the message names the sizes involved."""
 
 

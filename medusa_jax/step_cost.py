@@ -26,6 +26,7 @@ import numpy as np
 
 from medusa_jax import hlo
 from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.errors import MedusaError
 from medusa_jax.model.attention import prefix_block_size
 
 # bf16 dense peak FLOP/s and HBM bandwidth (bytes/s) per chip, for the roofline.
@@ -36,7 +37,7 @@ ROOFLINE_CHIPS = {
 }
 
 
-class StepCostError(ValueError):
+class StepCostError(MedusaError):
     """A step the report cannot compile (tree too large for the cache, bad batch, ...)."""
 
 

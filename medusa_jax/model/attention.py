@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from medusa_jax.config import ATTENTION_IMPLS
+from medusa_jax.config import ATTENTION_IMPLS, ConfigError
 
 # The prefix is read in blocks of at most this many slots; a cache of up to this length is one
 # block (one loop trip when any row is live).
@@ -53,7 +53,7 @@ MAX_QUERY_ROWS = 512
 def resolve_impl(impl: str = "auto", backend: str | None = None) -> str:
     """The attention implementation ``impl`` stands for on ``backend`` (default: JAX's)."""
     if impl not in IMPLS:
-        raise ValueError(f"unknown attention impl {impl!r} ({', '.join(IMPLS)})")
+        raise ConfigError(f"unknown attention impl {impl!r} ({', '.join(IMPLS)})")
     if impl != "auto":
         return impl
     return BACKEND_IMPL.get(backend or jax.default_backend(), "xla")

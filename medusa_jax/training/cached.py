@@ -42,7 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
+from medusa_jax.errors import DataError
 from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, vocab_to_draft
 from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
@@ -150,7 +151,7 @@ def collect_hidden(model_cfg: ModelConfig, base_params, arrays: dict, num_heads:
         teach.append(teacher[keep].astype(np.int32))
         base += int(keep.sum())
     if not hs:
-        raise ValueError(f"{desc}: no position has a training target (all loss masks are 0)")
+        raise DataError(f"{desc}: no position has a training target (all loss masks are 0)")
     return HiddenSet(np.concatenate(hs), np.concatenate(ts), np.concatenate(toks),
                      np.concatenate(teach))
 
@@ -161,7 +162,7 @@ def choose_draft_ids(tokens: np.ndarray, size: int, vocab_size: int,
     (e.g. the end-of-turn token), sorted. Ids never seen fill up the set only if the data has
     fewer than ``size`` distinct tokens (then the set is just the seen ones plus ``always``)."""
     if size < 1:
-        raise ValueError(f"draft vocabulary size must be >= 1, got {size}")
+        raise ConfigError(f"draft vocabulary size must be >= 1, got {size}")
     tokens = np.asarray(tokens).reshape(-1)
     tokens = tokens[(tokens >= 0) & (tokens < vocab_size)]
     counts = np.bincount(tokens, minlength=vocab_size)
@@ -255,7 +256,7 @@ def minibatch(data: HiddenSet, idx, mcfg: MedusaConfig, head_target: str = "toke
     b = {"hidden": data.hidden[idx], "targets": data.targets[idx]}
     if mcfg.is_hydra or head_target == "base":
         if data.tokens is None or data.teacher is None:
-            raise ValueError("these hidden states have no token inputs / teacher rows (made "
+            raise DataError("these hidden states have no token inputs / teacher rows (made "
                              "before HiddenSet had them): collect them again")
     if mcfg.is_hydra:
         b["tokens"] = data.tokens[idx]
@@ -394,7 +395,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
 
     tcfg, m = run_cfg.train, run_cfg.medusa
     if tcfg.mode != "medusa1":
-        raise ValueError(f"train.cache_hidden needs train.mode='medusa1', got {tcfg.mode!r}")
+        raise ConfigError(f"train.cache_hidden needs train.mode='medusa1', got {tcfg.mode!r}")
     paths = run_cfg.check_paths()  # before the data and the model: a bad dir fails at once
     t_origin = time.perf_counter()
     os.makedirs(paths.root, exist_ok=True)
@@ -437,7 +438,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     rng = np.random.default_rng(tcfg.seed)
     n, bt = len(train_set), tcfg.token_batch
     if n < bt:
-        raise ValueError(f"only {n} training positions for train.token_batch={bt}: add data or "
+        raise DataError(f"only {n} training positions for train.token_batch={bt}: add data or "
                          "lower train.token_batch")
     per_epoch = n // bt
     order, metrics_f, window = None, open(paths.metrics, "w"), []

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from medusa_jax.errors import DataError, MissingFileError
 from medusa_jax.tokenizer import encode_text, end_of_turn_token_id, render_chat
 from medusa_jax.training.files import replace_file
 
@@ -106,13 +107,13 @@ def sharegpt_path() -> str:
     """
     spec = importlib.util.find_spec(SHAREGPT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"the ShareGPT package {SHAREGPT_PACKAGE!r} is not installed; "
             f"install it with: {_SHAREGPT_HINT}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", SHAREGPT_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with: {_SHAREGPT_HINT}")
+        raise MissingFileError(f"{path} is missing; reinstall with: {_SHAREGPT_HINT}")
     return path
 
 
@@ -213,7 +214,7 @@ def iter_raw_records(
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise MissingFileError(f"data file {path} does not exist")
     report = report if report is not None else DataReport(source=path)
     fmt = _detect_format(path)
     if fmt == "parquet":
@@ -333,7 +334,7 @@ def load_conversations(
             convs.append(messages)
     report.kept = len(convs)
     if not convs:
-        raise ValueError(f"no usable conversations in {report.summary()}")  # names the file
+        raise DataError(f"no usable conversations in {report.summary()}")  # names the file
     return convs, report
 
 
@@ -414,7 +415,7 @@ def _assistant_char_spans(
                 content = content.strip()
                 start = full.find(content, cursor)
             if start < 0:
-                raise ValueError(f"assistant turn {i} not found in the rendered chat template")
+                raise DataError(f"assistant turn {i} not found in the rendered chat template")
             end = start + len(content)
             if eot_text:
                 nxt = full.find(eot_text, end)
@@ -703,7 +704,7 @@ class BatchIterator:
         else:
             self.batches_per_epoch = -(-self.num_examples // self.batch_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise DataError(
                 f"{self.num_examples} examples cannot fill one batch of {self.batch_size} "
                 "with drop_last=True"
             )
@@ -765,13 +766,13 @@ class BatchIterator:
         """Continue from a :meth:`state`; raises ValueError if it belongs to other data/settings."""
         for key in ("seed", "num_examples", "batch_size"):
             if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(
+                raise DataError(
                     f"iterator state has {key}={state[key]} but this iterator has "
                     f"{key}={getattr(self, key)}"
                 )
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.batches_per_epoch:
-            raise ValueError(
+            raise DataError(
                 f"iterator state epoch={epoch} index={index} is out of range "
                 f"({self.batches_per_epoch} batches per epoch)"
             )

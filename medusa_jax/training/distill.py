@@ -41,10 +41,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from medusa_jax.config import ModelConfig
+from medusa_jax.config import ConfigError, ModelConfig
 from medusa_jax.decoding.common import GenerationSettings
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
+from medusa_jax.errors import DataError
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.tokenizer import apply_chat_template
 from medusa_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
@@ -216,16 +217,16 @@ class Distiller:
         for name, v in (("max_turns", max_turns), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size), ("sort_window", sort_window)):
             if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         # 0 would select nothing: with resume=False, an emptied output and nothing else
         if max_conversations is not None and not (
                 isinstance(max_conversations, int) and max_conversations >= 1):
-            raise ValueError(f"max_conversations must be an integer >= 1 or None, got "
-                             f"{max_conversations!r}")
+            raise ConfigError(f"max_conversations must be an integer >= 1 or None, got "
+                              f"{max_conversations!r}")
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_MAX_PROMPT_TOKENS, ctx - max_new_tokens)
         if max_prompt_tokens < 1 or max_prompt_tokens + max_new_tokens > ctx:
-            raise ValueError(
+            raise ConfigError(
                 f"max_prompt_tokens ({max_prompt_tokens}) + max_new_tokens ({max_new_tokens}) "
                 f"must fit the model's context of {ctx} tokens"
             )
@@ -241,7 +242,7 @@ class Distiller:
         if not convs:  # before the output is opened: a bad source must not cost its records
             every = DataReport(report.source, report.records_read, 0,
                                skipped + report.skipped, report.truncated)
-            raise ValueError(f"no usable conversations in {every.summary()}")
+            raise DataError(f"no usable conversations in {every.summary()}")
         done_ids: set[str] = set()
         if resume:
             done_ids, bad = read_done_ids(out_path)
@@ -422,7 +423,7 @@ def check_source(source: str | os.PathLike | None) -> DataReport:
             report.skip(reason or "invalid")
     finally:
         records.close()
-    raise ValueError(f"no usable conversations in {report.summary()}")
+    raise DataError(f"no usable conversations in {report.summary()}")
 
 
 def _count_records(records: Iterable[Any], report: DataReport):

@@ -29,8 +29,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig, tiny_config
 from medusa_jax.distributed import global_batch_from_local
+from medusa_jax.errors import DataError
 from medusa_jax.model.heads import heads_module
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
@@ -118,8 +119,8 @@ def build_base(run_cfg: RunConfig) -> tuple[ModelConfig, dict]:
         cfg, params = load_base_model(m.path, dtype=m.param_dtype, scan_layers=m.scan_layers)
         cfg = cfg.replace(dtype=m.dtype, remat_policy=m.remat_policy)
     if run_cfg.train.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"train.seq_len={run_cfg.train.seq_len} exceeds the model's "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+        raise ConfigError(f"train.seq_len={run_cfg.train.seq_len} exceeds the model's "
+                          f"max_position_embeddings={cfg.max_position_embeddings}")
     return cfg, params
 
 
@@ -322,14 +323,14 @@ class Trainer:
         rep = self.data.report
         (log.warning if rep["skipped"] else log.info)("data: %s", rep["summary"])
         if self.data.train["input_ids"].shape[0] < self.tcfg.batch_size:
-            raise ValueError(
+            raise DataError(
                 f"only {rep['train_rows']} training rows for train.batch_size="
                 f"{self.tcfg.batch_size} ({rep['summary']}): add data or lower the batch size")
         self.model_cfg, self.base_host = build_base(run_cfg)
         top = int(max(self.data.train["input_ids"].max(), 0))
         if top >= self.model_cfg.vocab_size:
-            raise ValueError(f"token id {top} >= the model's vocab_size "
-                             f"{self.model_cfg.vocab_size}: the tokenizer does not fit the model")
+            raise ConfigError(f"token id {top} >= the model's vocab_size "
+                              f"{self.model_cfg.vocab_size}: the tokenizer does not fit the model")
         m = run_cfg.medusa
         draft = None
         if m.draft_vocab_size:  # from the training targets only (the split is fixed by the seed)

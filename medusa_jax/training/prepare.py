@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from medusa_jax.errors import DataError, MissingFileError
 from medusa_jax.training.data import (
     DataReport,
     load_conversations,
@@ -141,7 +142,7 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
     d, t = run_cfg.data, run_cfg.train
     source = os.path.abspath(os.path.expanduser(d.path)) if d.path else sharegpt_path()
     if not os.path.isfile(source):
-        raise FileNotFoundError(f"data file {source} does not exist")
+        raise MissingFileError(f"data file {source} does not exist")
     tok_source = _tokenizer_source(run_cfg)
     if tok_source == BYTES_TOKENIZER:
         tok_id: Any = "bytes-v1"
@@ -172,7 +173,7 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
     if evals is not None and len(evals["input_ids"]) == 0:
         evals = None
     if len(train["input_ids"]) == 0:
-        raise ValueError(f"no training examples left after tokenisation: {rep.summary()}")
+        raise DataError(f"no training examples left after tokenisation: {rep.summary()}")
     report = _report_dict(rep, train, evals, len(train_convs), len(eval_convs))
     if cache_file:
         flat = {f"train__{k}": v for k, v in train.items()}
@@ -197,7 +198,7 @@ def _read_cache(cache_file: str) -> PreparedData | None:
             part, name = k.split("__", 1)
             split[part][name] = v
         if not split["train"].get("input_ids", np.empty(0)).size:
-            raise ValueError("no training rows")
+            raise DataError("no training rows")
     # a cut file is a BadZipFile (not an OSError); a cut member an EOFError or ValueError
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as e:
         log.warning("the data cache %s cannot be read (%s: %s): rebuilding it", cache_file,

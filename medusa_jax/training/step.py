@@ -26,7 +26,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from medusa_jax.config import MedusaConfig, ModelConfig
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.model import llama
 from medusa_jax.model.heads import (
     head_logits,
@@ -358,7 +358,7 @@ def make_medusa1_step_from_hidden(
     hidden states can be computed once and the heads trained many epochs on them. Same loss
     and metrics as :func:`make_train_step` in Medusa-1."""
     if tcfg.mode != "medusa1":
-        raise ValueError(
+        raise ConfigError(
             f"training from cached hidden states needs mode='medusa1', got {tcfg.mode!r}"
         )
     steps = _Steps(model_cfg, medusa_cfg, tcfg)

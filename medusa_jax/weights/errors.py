@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from medusa_jax.errors import MedusaError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(MedusaError):
     """A checkpoint is missing, unreadable or does not match its config.
 
     The message always names the offending path (and the tensor key where there is one), so a

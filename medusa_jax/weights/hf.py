@@ -24,6 +24,7 @@ import numpy as np
 
 from medusa_jax.config import (
     DTYPES,
+    ConfigError,
     ModelConfig,
     normalize_hf_config,  # noqa: F401  (re-exported)
 )
@@ -62,7 +63,7 @@ _BAND = 256  # rows per block of a transposing copy (cache-friendly; see ParamSp
 def np_dtype(name: str) -> np.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> the numpy dtype (bfloat16 from ml_dtypes)."""
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
+        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 

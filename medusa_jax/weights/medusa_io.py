@@ -71,7 +71,7 @@ def _dtype_name(dt: np.dtype) -> str | None:
 
 def _np_dtype(name: str) -> np.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
+        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
@@ -138,18 +138,18 @@ def _check_params(mcfg: MedusaConfig, params: dict) -> None:
     """ValueError naming the parameter when ``params`` does not match ``mcfg``."""
     for name, shape in _expected_shapes(mcfg).items():
         if name not in params:
-            raise ValueError(
+            raise CheckpointError(
                 f"Medusa params lack {name!r} (have {sorted(params)}); expected shape {shape} "
                 f"for {mcfg}"
             )
         if tuple(params[name].shape) != shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"Medusa param {name!r} has shape {tuple(params[name].shape)}, but the config "
                 f"needs {shape} (num_heads, num_layers, hidden_size, vocab_size = "
                 f"{mcfg.num_heads}, {mcfg.num_layers}, {mcfg.hidden_size}, {mcfg.vocab_size})"
             )
     if mcfg.shared_lm_head and "lm_head" in params:
-        raise ValueError("the config has shared_lm_head=True but the params hold an 'lm_head'")
+        raise CheckpointError("the config has shared_lm_head=True but the params hold an 'lm_head'")
 
 
 # --------------------------------------------------------------------------- our format
@@ -516,7 +516,7 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     Returns the directory path.
     """
     if mcfg.is_hydra:
-        raise ValueError("the original Medusa layout cannot hold Hydra heads (head_type='hydra': "
+        raise CheckpointError("the original Medusa layout cannot hold Hydra heads (head_type='hydra': "
                          "each head also reads its path's token embeddings); save them with "
                          "save_heads instead")
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
@@ -526,23 +526,23 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     dt = _np_dtype(mcfg.param_dtype)
     if version2:
         if not mcfg.shared_lm_head:
-            raise ValueError("version2=True needs heads that share the base LM head "
+            raise CheckpointError("version2=True needs heads that share the base LM head "
                              "(shared_lm_head=True); these have their own lm_head: export v1")
         if N != 1:
-            raise ValueError(f"the version 2 layout has exactly 1 ResBlock per head; these heads "
-                             f"have num_layers={N}")
+            raise CheckpointError(f"the version 2 layout has exactly 1 ResBlock per head; these heads "
+                                  f"have num_layers={N}")
         vocab = None
     elif mcfg.shared_lm_head:
         if base_lm_head is None:
-            raise ValueError(
+            raise CheckpointError(
                 "these heads share the base LM head, and the v1 layout stores each head's own "
                 "vocab projection: pass base_lm_head=[D, V] (the base model's lm_head), or "
                 "version2=True when num_layers == 1"
             )
         b = _to_numpy(getattr(base_lm_head, "value", base_lm_head))
         if tuple(b.shape) != (D, V):
-            raise ValueError(f"base_lm_head must have shape [D, V] = {(D, V)}, got "
-                             f"{tuple(b.shape)}" + (" (transpose it)" if b.shape == (V, D) else ""))
+            raise CheckpointError(f"base_lm_head must have shape [D, V] = {(D, V)}, got "
+                                  f"{tuple(b.shape)}" + (" (transpose it)" if b.shape == (V, D) else ""))
         vocab = [b] * M
     else:
         vocab = [p["lm_head"][i] for i in range(M)]
