@@ -224,3 +224,20 @@ def test_tree_deeper_than_heads_is_refused(tiny_cfg, tiny_params):
         medusa_generate(tiny_cfg, shallow, params, PROMPTS[:1], make_settings(SMALL_TREE, 4, G))
     with pytest.raises(ConfigError, match="head_type"):
         MedusaConfig.for_model(tiny_cfg, head_type="eagle")
+
+
+def test_hydra_heads_with_lossless_sampling(tiny_cfg, hcfg, hparams, greedy3):
+    """The lossless rule verifies Hydra-drafted trees too: cold it is greedy; warm, a seed
+    reproduces a run and another seed gives another."""
+    from medusa_jax.decoding.sampling import SamplingConfig
+
+    cold = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(temperature=1e-4))
+    res = medusa_generate(tiny_cfg, hcfg, hparams, PROMPTS,
+                          make_settings(SMALL_TREE, 4, cold, acceptance="lossless"))
+    assert res["tokens"] == greedy3
+    warm = GenerationSettings(max_new_tokens=MAX_NEW, sampling=SamplingConfig(0.9, top_p=0.9))
+    st = make_settings(SMALL_TREE, 4, warm, acceptance="lossless")
+    a, b, c = (medusa_generate(tiny_cfg, hcfg, hparams, PROMPTS, st, seed=s) for s in (3, 3, 4))
+    assert a["tokens"] == b["tokens"] != c["tokens"]
+    assert a["tokens"] != greedy3
+    assert np.asarray(a["accept_hist"]).sum(-1).tolist() == a["steps"]
