@@ -10,7 +10,7 @@ import yaml
 
 from medusa_jax.config import ConfigError, ModelConfig
 from medusa_jax.runconfig import dump_yaml, load_config, parse_overrides, to_dict
-from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,6 @@ from medusa_jax.training.checkpoint import (
     checkpoint_tree,
     state_from_tree,
 )
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
 from medusa_jax.training.files import replace_file
 from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for callers of loop)
@@ -59,7 +58,7 @@ from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for caller
     load_run_tokenizer,
     prepare_data,
 )
-from medusa_jax.training.run_config import RunConfig
+from medusa_jax.training.run_config import RunConfig, TrainConfig
 from medusa_jax.training.step import (
     _heads_loss,
     base_hidden,
