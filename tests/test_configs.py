@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from medusa_jax.config import ConfigError
-from medusa_jax.runconfig import to_dict
 from medusa_jax.sharding import ShardingError
-from medusa_jax.training.run_config import RunConfig, load_run_config
+from medusa_jax.training.run_config import RunConfig, load_run_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))

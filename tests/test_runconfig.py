@@ -1,4 +1,5 @@
-"""YAML + override loading of nested frozen dataclasses (medusa_jax.runconfig)."""
+"""YAML + override loading of nested frozen dataclasses (load_config in
+medusa_jax.training.run_config, on OmegaConf)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 import yaml
 
 from medusa_jax.config import ConfigError, ModelConfig
-from medusa_jax.runconfig import dump_yaml, load_config, parse_overrides, to_dict
-from medusa_jax.training.run_config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig, dump_yaml, load_config, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +175,7 @@ def test_missing_required_and_bad_files(tmp_path):
 ])
 def test_malformed_override_tokens(tokens, match):
     with pytest.raises(ConfigError, match=match):
-        parse_overrides(tokens)
+        load_config(Run, None, tokens)
 
 
 def test_to_dict_and_dump_yaml_round_trip(tmp_path):
