@@ -115,6 +115,11 @@ def test_cli_user_errors_exit_2_without_traceback(capsys, tmp_path):
     # medusa1 forces train.mode, so a Medusa-2-only setting is refused
     assert cli.main(["medusa1", "--config", TINY, "--set", "train.kd=true"]) == 2
     assert "kd=True needs mode='medusa2'" in capsys.readouterr().err
+    # a misspelt key: one line naming it and the key it is close to
+    assert cli.main(["medusa1", "--config", TINY, "--set", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key 'train.stepz'") and err.count("\n") == 1
+    assert "did you mean 'train.steps'?" in err
 
 
 def test_print_config_resolves_mode(capsys):

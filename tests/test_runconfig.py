@@ -121,6 +121,7 @@ def test_unknown_keys_name_the_key_and_list_valid_ones(tmp_path):
         load_config(Run, _yaml(tmp_path, "train:\n  stepz: 3\n"), [])
     msg = str(e.value)
     assert "'train.stepz'" in msg and "kd, layers, mode, optim, steps" in msg
+    assert "did you mean 'train.steps'?" in msg  # the close matches, by their full path
     with pytest.raises(ConfigError, match=r"unknown key 'nme'.*top level.*name"):
         load_config(Run, None, ["nme=x"])
     with pytest.raises(ConfigError, match=r"unknown key 'train.optim.momentum'.*betas, clip, lr"):
