@@ -93,8 +93,7 @@ def run_distill(args) -> int:
 def run_train(args) -> int:
     import yaml
 
-    from medusa_jax.runconfig import to_dict
-    from medusa_jax.training.run_config import load_run_config
+    from medusa_jax.training.run_config import load_run_config, to_dict
 
     tokens = [*args.overrides]
     for s in args.sets:

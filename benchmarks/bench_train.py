@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     from medusa_jax.config import MedusaConfig
     from medusa_jax.model.heads import init_medusa_params
     from medusa_jax.tokenizer import resolve_model_path
-    from medusa_jax.training.config import TrainConfig
+    from medusa_jax.training.run_config import TrainConfig
     from medusa_jax.training.step import (
         init_train_state,
         make_hidden_fn,

@@ -26,8 +26,8 @@ import numpy as np
 
 from medusa_jax.config import MedusaConfig, tiny_config
 from medusa_jax.sharding import MeshConfig, make_mesh, param_shardings, shard_params
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
+from medusa_jax.training.run_config import TrainConfig
 from medusa_jax.training.step import abstract_params, init_train_state, make_train_step
 
 B, T, N_ROWS, STEPS = 8, 16, 24, 3

@@ -11,7 +11,7 @@ import pytest
 from medusa_jax import aot
 from medusa_jax.config import MedusaConfig, ModelConfig, tiny_config
 from medusa_jax.sharding import MeshConfig
-from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig
 
 if not aot.libtpu_available():
     pytest.skip(

@@ -286,7 +286,7 @@ def test_cached_hydra_run_with_base_targets(tmp_path, data_file):
 
 
 def test_head_target_base_needs_cached_states():
-    from medusa_jax.training.config import TrainConfig
+    from medusa_jax.training.run_config import TrainConfig
 
     with pytest.raises(ConfigError, match="head_target='base' needs cache_hidden=True"):
         TrainConfig(head_target="base")

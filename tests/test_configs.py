@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from medusa_jax.config import ConfigError
-from medusa_jax.runconfig import to_dict
 from medusa_jax.sharding import ShardingError
-from medusa_jax.training.run_config import RunConfig, load_run_config
+from medusa_jax.training.run_config import RunConfig, load_run_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -116,6 +115,11 @@ def test_cli_user_errors_exit_2_without_traceback(capsys, tmp_path):
     # medusa1 forces train.mode, so a Medusa-2-only setting is refused
     assert cli.main(["medusa1", "--config", TINY, "--set", "train.kd=true"]) == 2
     assert "kd=True needs mode='medusa2'" in capsys.readouterr().err
+    # a misspelt key: one line naming it and the key it is close to
+    assert cli.main(["medusa1", "--config", TINY, "--set", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown key 'train.stepz'") and err.count("\n") == 1
+    assert "did you mean 'train.steps'?" in err
 
 
 def test_print_config_resolves_mode(capsys):

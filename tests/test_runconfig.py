@@ -1,4 +1,5 @@
-"""YAML + override loading of nested frozen dataclasses (medusa_jax.runconfig)."""
+"""YAML + override loading of nested frozen dataclasses (load_config in
+medusa_jax.training.run_config, on OmegaConf)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 import yaml
 
 from medusa_jax.config import ConfigError, ModelConfig
-from medusa_jax.runconfig import dump_yaml, load_config, parse_overrides, to_dict
-from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig, dump_yaml, load_config, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,7 @@ def test_unknown_keys_name_the_key_and_list_valid_ones(tmp_path):
         load_config(Run, _yaml(tmp_path, "train:\n  stepz: 3\n"), [])
     msg = str(e.value)
     assert "'train.stepz'" in msg and "kd, layers, mode, optim, steps" in msg
+    assert "did you mean 'train.steps'?" in msg  # the close matches, by their full path
     with pytest.raises(ConfigError, match=r"unknown key 'nme'.*top level.*name"):
         load_config(Run, None, ["nme=x"])
     with pytest.raises(ConfigError, match=r"unknown key 'train.optim.momentum'.*betas, clip, lr"):
@@ -175,7 +176,7 @@ def test_missing_required_and_bad_files(tmp_path):
 ])
 def test_malformed_override_tokens(tokens, match):
     with pytest.raises(ConfigError, match=match):
-        parse_overrides(tokens)
+        load_config(Run, None, tokens)
 
 
 def test_to_dict_and_dump_yaml_round_trip(tmp_path):

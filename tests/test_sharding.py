@@ -17,7 +17,7 @@ from medusa_jax.sharding import (
     shard_params,
     sharded_init,
 )
-from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig
 from medusa_jax.training.step import (
     abstract_params,
     init_train_state,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from medusa_jax.config import ConfigError, MedusaConfig, tiny_config
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.optimizer import base_schedule, heads_schedule
+from medusa_jax.training.run_config import TrainConfig
 from medusa_jax.training.step import (
     abstract_params,
     init_train_state,

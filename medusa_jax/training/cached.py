@@ -46,11 +46,9 @@ from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.errors import DataError
 from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, vocab_to_draft
 from medusa_jax.model.llama import lm_head_weight
-from medusa_jax.runconfig import dump_yaml, to_dict
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.losses import _finish, ce_stats, shifted_targets
 from medusa_jax.training.optimizer import learning_rates, make_optimizer
-from medusa_jax.training.run_config import RunConfig
+from medusa_jax.training.run_config import RunConfig, TrainConfig, dump_yaml, to_dict
 from medusa_jax.training.step import make_hidden_fn
 
 log = logging.getLogger("medusa_jax.train")

@@ -38,8 +38,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from medusa_jax.config import MedusaConfig, ModelConfig
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.optimizer import make_optimizer
+from medusa_jax.training.run_config import TrainConfig
 from medusa_jax.training.step import TrainState, abstract_params, state_shardings, trainable
 from medusa_jax.weights.errors import CheckpointError
 

@@ -34,7 +34,6 @@ from medusa_jax.distributed import global_batch_from_local
 from medusa_jax.errors import DataError
 from medusa_jax.model.heads import heads_module
 from medusa_jax.model.llama import LlamaModel, lm_head_weight
-from medusa_jax.runconfig import dump_yaml, to_dict
 from medusa_jax.sharding import (
     ShardingError,
     check_batch_size,
@@ -50,7 +49,6 @@ from medusa_jax.training.checkpoint import (
     checkpoint_tree,
     state_from_tree,
 )
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.data import BatchIterator
 from medusa_jax.training.files import replace_file
 from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for callers of loop)
@@ -59,7 +57,7 @@ from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for caller
     load_run_tokenizer,
     prepare_data,
 )
-from medusa_jax.training.run_config import RunConfig
+from medusa_jax.training.run_config import RunConfig, TrainConfig, dump_yaml, to_dict
 from medusa_jax.training.step import (
     _heads_loss,
     base_hidden,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medusa_jax.training.config import TrainConfig
+from medusa_jax.training.run_config import TrainConfig
 
 # apply_if_finite gives up and applies a non-finite update after this many in a row; we never
 # want that (NaNs in the weights end the run), so the loop watches ``nonfinite_consecutive``.

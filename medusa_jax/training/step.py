@@ -43,9 +43,9 @@ from medusa_jax.sharding import (
     mesh_context,
     param_shardings,
 )
-from medusa_jax.training.config import TrainConfig
 from medusa_jax.training.losses import kd_loss, lm_loss, medusa_loss_from_hidden
 from medusa_jax.training.optimizer import learning_rates, make_optimizer, skipped_updates
+from medusa_jax.training.run_config import TrainConfig
 
 MEDUSA_LM_HEAD_AXES = ("medusa_heads", "embed", "vocab")
 
