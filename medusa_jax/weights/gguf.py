@@ -20,7 +20,8 @@ import numpy as np
 from medusa_jax.config import ModelConfig
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import assemble_params, config_kwargs, np_dtype
+from medusa_jax.weights.files import np_dtype
+from medusa_jax.weights.hf import assemble_params, config_kwargs
 
 # Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel.permute);
 # qwen2 and others keep HF's rotate-half row order.

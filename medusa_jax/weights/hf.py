@@ -15,56 +15,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Protocol
 
 import ml_dtypes
 import numpy as np
 
-from medusa_jax.config import (
-    DTYPES,
-    ConfigError,
-    ModelConfig,
-    normalize_hf_config,  # noqa: F401  (re-exported)
-)
+from medusa_jax.config import ModelConfig, normalize_hf_config
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.weights.errors import CheckpointError
+from medusa_jax.weights.files import (
+    SafetensorsFile,
+    check_finite,
+    listing,
+    np_dtype,
+    read_json,
+    write_json,
+    write_safetensors,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# safetensors dtype tags. numpy has no bfloat16/float8: ml_dtypes (a JAX dependency) provides them.
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-# Keys every HF Llama checkpoint may carry that hold nothing we need (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _BAND = 256  # rows per block of a transposing copy (cache-friendly; see ParamSpec.fill)
-
-
-def np_dtype(name: str) -> np.dtype:
-    """``"float32" | "bfloat16" | "float16"`` -> the numpy dtype (bfloat16 from ml_dtypes)."""
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 def config_kwargs(dtype: str, scan_layers: bool, overrides: dict) -> dict:
@@ -74,122 +49,6 @@ def config_kwargs(dtype: str, scan_layers: bool, overrides: dict) -> dict:
         raise TypeError("pass the parameter dtype as dtype=..., not param_dtype=...")
     np_dtype(dtype)
     return {"param_dtype": dtype, "scan_layers": scan_layers, **overrides}
-
-
-# --------------------------------------------------------------------------- safetensors file
-class SafetensorsFile:
-    """One ``.safetensors`` file, opened lazily.
-
-    The header is parsed and validated up front, so a truncated or corrupt file fails here with
-    a message naming it; tensors are zero-copy, read-only views of a memory map. We parse the
-    (simple, documented) format ourselves because ``safetensors.safe_open(framework="numpy")``
-    cannot return bfloat16 tensors ("data type 'bfloat16' not understood"), and most
-    checkpoints are bfloat16.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else -1
-                raw = f.read(n) if 0 <= n <= min(size - 8, _MAX_HEADER_BYTES) else b""
-        except OSError as e:
-            raise CheckpointError(f"cannot read safetensors file {self.path}: {e}") from e
-        if n < 0:
-            raise self._bad(f"the file has only {size} bytes")
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
-            raise self._bad(f"header length {n} does not fit in the file's {size} bytes")
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._bad(f"the header is not valid JSON ({e})") from e
-        if not isinstance(header, dict):
-            raise self._bad("the header is not a JSON object")
-        self.metadata: dict = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        data_size = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        for key, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise self._bad(f"bad header entry for {key!r}: {e!r}") from err
-            if end > data_size:
-                raise self._bad(
-                    f"tensor {key!r} ends at byte {self._data_start + end} but the file has "
-                    f"only {size} bytes"
-                )
-            if begin < 0 or end - begin != dtype.itemsize * math.prod(shape):
-                raise self._bad(
-                    f"tensor {key!r}: byte range [{begin}, {end}) does not hold shape {shape} "
-                    f"of {e['dtype']}"
-                )
-            self._entries[key] = (dtype, shape, begin)
-        self._mmap: np.memmap | None = None
-
-    def _bad(self, why: str) -> CheckpointError:
-        return CheckpointError(f"truncated or corrupt safetensors file {self.path}: {why}")
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._entries[key][0]
-
-    def get(self, key: str) -> np.ndarray:
-        """A read-only, zero-copy view of tensor ``key`` in its stored dtype and shape."""
-        dtype, shape, begin = self._entries[key]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return np.ndarray(shape, dtype, buffer=self._mmap, offset=self._data_start + begin)
-
-    def close(self) -> None:
-        """Drop this object's memory map (views already handed out keep it alive)."""
-        self._mmap = None
-
-
-def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = None) -> None:
-    """Write tensors to a safetensors file, holding one tensor in memory at a time.
-
-    ``tensors`` is a dict ``key -> array`` or a list of ``(key, shape, dtype, make)`` where
-    ``make()`` returns the array only when its bytes are written. Any dtype of the format
-    (bfloat16 included) is written as is. The data goes to ``path + ".tmp"`` first and is renamed
-    into place, so a crash never leaves a half-written file under the final name.
-    """
-    if isinstance(tensors, dict):
-        tensors = [(k, tuple(a.shape), a.dtype, (lambda a=a: a)) for k, a in tensors.items()]
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for key, shape, dtype, _ in tensors:
-        dt = np.dtype(dtype)
-        if dt not in _ST_TAGS:
-            raise ValueError(f"cannot write tensor {key!r} of dtype {dt} to safetensors")
-        nbytes = dt.itemsize * math.prod(shape)
-        header[key] = {"dtype": _ST_TAGS[dt], "shape": [int(s) for s in shape],
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte aligned tensor data
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for key, shape, dtype, make in tensors:
-            arr = np.ascontiguousarray(np.asarray(make()), dtype=np.dtype(dtype))
-            if arr.shape != tuple(shape):
-                raise ValueError(f"tensor {key!r} has shape {arr.shape}, declared {tuple(shape)}")
-            f.write(arr.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- layout mapping
@@ -308,19 +167,6 @@ def _checked(src: TensorSource, spec: ParamSpec, name: str) -> np.ndarray:
     return w
 
 
-def check_finite(w, what: str) -> None:
-    """CheckpointError naming ``what`` when ``w`` holds NaN or inf (a corrupt file: flipped
-    bytes decode to garbage that would otherwise be generated from, silently)."""
-    w = np.asarray(w)
-    if w.dtype.kind in "biu":  # integer tensors (e.g. quantisation indices) cannot be NaN
-        return
-    with np.errstate(all="ignore"):
-        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
-    if bad:
-        raise CheckpointError(f"{what} holds {bad} NaN/inf values: the checkpoint is corrupt "
-                              "(re-download or re-export it)")
-
-
 def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: np.dtype) -> dict:
     """Read every base-model tensor from ``src`` into the stacked (``scan_layers``) param tree.
 
@@ -353,12 +199,6 @@ def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: np.dtype) -> dic
 
 
 # --------------------------------------------------------------------------- checkpoint dir
-def _listing(path: str) -> str:
-    names = sorted(os.listdir(path))
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
-    return shown or "nothing"
-
-
 class HFCheckpoint:
     """A Hugging Face checkpoint directory opened for reading.
 
@@ -378,15 +218,8 @@ class HFCheckpoint:
             )
         cfg_path = os.path.join(self.path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"no {CONFIG_NAME} in {self.path} (found: {_listing(self.path)})")
-        try:
-            with open(cfg_path) as f:
-                hf = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{cfg_path} does not hold a JSON object")
-        self.hf_config: dict = normalize_hf_config(hf)
+            raise CheckpointError(f"no {CONFIG_NAME} in {self.path} (found: {listing(self.path)})")
+        self.hf_config: dict = normalize_hf_config(read_json(cfg_path))
         self.files = [SafetensorsFile(p) for p in self._weight_files()]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
@@ -414,7 +247,7 @@ class HFCheckpoint:
         others = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
         if others:
             return [os.path.join(self.path, n) for n in others]
-        msg = f"no *.safetensors weights in {self.path} (found: {_listing(self.path)})"
+        msg = f"no *.safetensors weights in {self.path} (found: {listing(self.path)})"
         if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(self.path)):
             msg += (
                 "; PyTorch pickle checkpoints (.bin/.pt) are not supported. Convert once with: "
@@ -575,11 +408,9 @@ def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike,
     hf["torch_dtype"] = "bfloat16" if first == np.dtype(ml_dtypes.bfloat16) else first.name
     if cfg.pad_token_id is not None:
         hf["pad_token_id"] = cfg.pad_token_id
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(hf, f, indent=2)
+    write_json(os.path.join(path, CONFIG_NAME), hf)
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({**gen, "do_sample": False}, f, indent=2)
+    write_json(os.path.join(path, "generation_config.json"), {**gen, "do_sample": False})
     if tokenizer is not None:
         from medusa_jax.tokenizer import save_tokenizer
 

@@ -23,7 +23,6 @@ The original code stores PyTorch ``Linear`` weights (``[out, in]``, ``y = x W^T 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -33,9 +32,19 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from medusa_jax.config import DTYPES, ConfigError, MedusaConfig, ModelConfig
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import HFCheckpoint, SafetensorsFile, check_finite, write_safetensors
+from medusa_jax.weights.files import (
+    SafetensorsFile,
+    check_finite,
+    dtype_name,
+    listing,
+    np_dtype,
+    read_json,
+    write_json,
+    write_safetensors,
+)
+from medusa_jax.weights.hf import HFCheckpoint
 
 __all__ = [
     "CheckpointError",
@@ -61,20 +70,6 @@ _VOCAB_RE = re.compile(r"^(\d+)\.(\d+)\.weight$")
 
 
 # --------------------------------------------------------------------------- helpers
-def _dtype_name(dt: np.dtype) -> str | None:
-    """numpy dtype -> one of ``DTYPES`` (None for anything else, e.g. float64)."""
-    dt = np.dtype(dt)
-    if dt == np.dtype(ml_dtypes.bfloat16):
-        return "bfloat16"
-    return dt.name if dt.name in DTYPES else None
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
 def _to_numpy(x) -> np.ndarray:
     """A numpy view/copy of a numpy, JAX or torch array (torch bfloat16 included)."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch, without importing it
@@ -84,23 +79,6 @@ def _to_numpy(x) -> np.ndarray:
             return t.float().numpy().astype(ml_dtypes.bfloat16)
         return t.numpy()
     return np.asarray(x)
-
-
-def _listing(path: str) -> str:
-    names = sorted(os.listdir(path))
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
-    return shown or "nothing (empty directory)"
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return d
 
 
 def _json_default(x):
@@ -165,18 +143,14 @@ def save_heads(path: str | os.PathLike, mcfg: MedusaConfig, medusa_params,
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     params = _unbox(medusa_params)
     _check_params(mcfg, params)
-    dt = _np_dtype(mcfg.param_dtype)
+    dt = np_dtype(mcfg.param_dtype)
     os.makedirs(path, exist_ok=True)
     tensors = {k: np.ascontiguousarray(params[k], dtype=dt) for k in _expected_shapes(mcfg)}
     # Weights first, config last: a directory with a config always has its weights.
     write_safetensors(os.path.join(path, OURS_WEIGHTS), tensors, metadata={"format": FORMAT_NAME})
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **mcfg.to_dict(),
            "metadata": dict(metadata or {})}
-    text = json.dumps(cfg, indent=2, default=_json_default)
-    cfg_path = os.path.join(path, OURS_CONFIG)
-    with open(cfg_path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(cfg_path + ".tmp", cfg_path)
+    write_json(os.path.join(path, OURS_CONFIG), cfg, default=_json_default)
     return path
 
 
@@ -186,12 +160,12 @@ def read_heads_metadata(path: str | os.PathLike) -> dict:
     cfg_path = os.path.join(path, OURS_CONFIG) if os.path.isdir(path) else path
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"no {OURS_CONFIG} at {path}")
-    return dict(_read_json(cfg_path).get("metadata") or {})
+    return dict(read_json(cfg_path).get("metadata") or {})
 
 
 def _load_ours(path: str, dtype: str | None) -> tuple[MedusaConfig, dict]:
     cfg_path = os.path.join(path, OURS_CONFIG)
-    d = _read_json(cfg_path)
+    d = read_json(cfg_path)
     if d.get("format", FORMAT_NAME) != FORMAT_NAME:
         raise CheckpointError(f"{cfg_path}: format is {d.get('format')!r}, not {FORMAT_NAME!r}")
     fields = {f.name for f in dataclasses.fields(MedusaConfig)}
@@ -202,7 +176,7 @@ def _load_ours(path: str, dtype: str | None) -> tuple[MedusaConfig, dict]:
     w_path = os.path.join(path, OURS_WEIGHTS)
     if not os.path.isfile(w_path):
         raise CheckpointError(f"{cfg_path} exists but {OURS_WEIGHTS} is missing from {path} "
-                              f"(found: {_listing(path)})")
+                              f"(found: {listing(path)})")
     f = SafetensorsFile(w_path)
     expected = _expected_shapes(mcfg)
     params = {}
@@ -226,9 +200,9 @@ def _cast(params: dict, dtype: str | None) -> tuple[dict, str]:
     """Owned copies of ``params`` in ``dtype`` (None: the stored dtype when it is one of ours,
     else float32), and that dtype's name."""
     if dtype is None:
-        names = {_dtype_name(a.dtype) for a in params.values()}
+        names = {dtype_name(a.dtype) for a in params.values()}
         dtype = names.pop() if len(names) == 1 and None not in names else "float32"
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     # np.array copies: the results must not keep the file's memory map (or a torch tensor) alive.
     return {k: np.array(v, dtype=dt) for k, v in params.items()}, dtype
 
@@ -367,7 +341,7 @@ def load_heads_from_state_dict(
             stored.append(w.dtype)
         params["lm_head"] = lm
     if dtype is None:
-        names = {_dtype_name(d) for d in stored}
+        names = {dtype_name(d) for d in stored}
         dtype = names.pop() if len(names) == 1 and None not in names else "float32"
     params, pdt = _cast(params, dtype)
     mcfg = MedusaConfig(num_heads=M, num_layers=N, hidden_size=D, vocab_size=int(V),
@@ -400,7 +374,7 @@ def _read_pt(path: str) -> dict:
 
 def _load_v1(path: str, base_vocab: int | None, dtype: str | None) -> tuple[MedusaConfig, dict]:
     cfg_path = os.path.join(path, V1_CONFIG)
-    hf_config = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    hf_config = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     st, pt = os.path.join(path, V1_SAFETENSORS), os.path.join(path, V1_PT)
     if os.path.isfile(st):
         f = SafetensorsFile(st)
@@ -456,7 +430,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if os.path.isfile(os.path.join(path, OURS_CONFIG)):
         return FORMAT_NAME
     cfg_path = os.path.join(path, V1_CONFIG)
-    hf_config = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    hf_config = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     if any(os.path.isfile(os.path.join(path, n)) for n in (V1_SAFETENSORS, V1_PT)):
         return "v2" if str(hf_config.get("version", "")) == "2" else "v1"
     has_st = any(n.endswith(".safetensors") for n in os.listdir(path))
@@ -468,7 +442,7 @@ def detect_format(path: str | os.PathLike) -> str:
     raise CheckpointError(
         f"no Medusa head files in {path} (expected {OURS_CONFIG} + {OURS_WEIGHTS}, config.json + "
         f"{V1_SAFETENSORS} or {V1_PT}, or a Hugging Face checkpoint with '{HF_PREFIX}*' "
-        f"tensors); found: {_listing(path)}{hint}"
+        f"tensors); found: {listing(path)}{hint}"
     )
 
 
@@ -485,7 +459,7 @@ def load_heads(path: str | os.PathLike, base_cfg: ModelConfig | None = None,
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if dtype is not None:
-        _np_dtype(dtype)
+        np_dtype(dtype)
     kind = detect_format(path)
     base_vocab = base_cfg.vocab_size if base_cfg is not None else None
     if kind == FORMAT_NAME:
@@ -523,7 +497,7 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     p = _unbox(params)
     _check_params(mcfg, p)
     M, N, D, V = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size
-    dt = _np_dtype(mcfg.param_dtype)
+    dt = np_dtype(mcfg.param_dtype)
     if version2:
         if not mcfg.shared_lm_head:
             raise CheckpointError("version2=True needs heads that share the base LM head "
@@ -580,7 +554,5 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     }
     if version2:
         cfg["version"] = "2"
-    with open(os.path.join(path, V1_CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(path, V1_CONFIG), cfg)
     return path
