@@ -57,6 +57,34 @@ def dtype_name(dt: np.dtype) -> str | None:
     return dt.name if dt.name in DTYPES else None
 
 
+
+def common_dtype(dtypes) -> str:
+    """The one dtype name of ``DTYPES`` that all of ``dtypes`` have, else ``"float32"``."""
+    names = {dtype_name(d) for d in dtypes}
+    return names.pop() if len(names) == 1 and None not in names else "float32"
+
+
+def to_numpy(x) -> np.ndarray:
+    """A numpy view/copy of a numpy, JAX or torch array (torch bfloat16 included)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch, without importing it
+        t = x.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            # numpy has no bfloat16: go through float32, which is exact for bfloat16 values.
+            return t.float().numpy().astype(ml_dtypes.bfloat16)
+        return t.numpy()
+    return np.asarray(x)
+
+
+def cast_arrays(arrays: dict, dtype: str | None) -> tuple[dict, str]:
+    """Owned copies of ``arrays`` in ``dtype`` (None: their stored dtype when it is one of ours,
+    else float32), and that dtype's name."""
+    if dtype is None:
+        dtype = common_dtype(a.dtype for a in arrays.values())
+    dt = np_dtype(dtype)
+    # np.array copies: the results must not keep the file's memory map (or a torch tensor) alive.
+    return {k: np.array(v, dtype=dt) for k, v in arrays.items()}, dtype
+
+
 def check_finite(w, what: str) -> None:
     """CheckpointError naming ``what`` when ``w`` holds NaN or inf (a corrupt file: flipped
     bytes decode to garbage that would otherwise be generated from, silently)."""
