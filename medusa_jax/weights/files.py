@@ -48,14 +48,12 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-
 def dtype_name(dt: np.dtype) -> str | None:
     """numpy dtype -> one of ``DTYPES`` (None for anything else, e.g. float64)."""
     dt = np.dtype(dt)
     if dt == np.dtype(ml_dtypes.bfloat16):
         return "bfloat16"
     return dt.name if dt.name in DTYPES else None
-
 
 
 def common_dtype(dtypes) -> str:
@@ -96,7 +94,6 @@ def check_finite(w, what: str) -> None:
     if bad:
         raise CheckpointError(f"{what} holds {bad} NaN/inf values: the checkpoint is corrupt "
                               "(re-download or re-export it)")
-
 
 
 # --------------------------------------------------------------------------- directories and JSON
