@@ -23,6 +23,7 @@ from medusa_jax.decoding.common import (
 from medusa_jax.decoding.medusa import check_tree, make_settings, medusa_generate
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
+from medusa_jax.defaults import default_dtype, default_heads_path
 from medusa_jax.model.llama import convert_layout
 
 
@@ -254,11 +255,6 @@ class MedusaLM:
         return on_chunk
 
 
-def default_dtype(backend: str | None = None) -> str:
-    """float32 on a CPU, bfloat16 on accelerators (weights, activations and the KV cache)."""
-    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
-
-
 def resolve_acceptance(acceptance, temperature: float):
     """The acceptance rule to use (a name or a rule object): ``None`` picks greedy at
     temperature 0 and lossless above it (exactly the model's sampling distribution); greedy
@@ -336,12 +332,6 @@ def is_default_model(model: str | None) -> bool:
         return False
     path = os.path.expanduser(os.fspath(model))
     return os.path.exists(path) and os.path.samefile(path, default)
-
-
-def default_heads_path() -> str | None:
-    """The Medusa heads shipped inside the package for the default model, if present."""
-    p = os.path.join(os.path.dirname(__file__), "assets", "heads", "smollm2-135m-instruct")
-    return p if os.path.isdir(p) else None
 
 
 def heads_trees(path: str) -> dict:

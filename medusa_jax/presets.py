@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 from medusa_jax.config import ConfigError, ModelConfig, tiny_config  # no jax: decode.py's --help
+from medusa_jax.defaults import default_dtype, default_heads_path
 
 # Shapes only (no EOS: random text has no end).
 PRESETS: dict[str, dict] = {
@@ -42,8 +43,6 @@ def preset_config(name: str, dtype: str | None = None, **overrides) -> ModelConf
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     if dtype is None:
-        from medusa_jax.api import default_dtype
-
         dtype = default_dtype()
     kw = dict(PRESETS[name], eos_token_ids=(), param_dtype=dtype, dtype=dtype)
     kw.update(overrides)
@@ -79,6 +78,4 @@ def preset_heads(name: str) -> str | None:
     """The Medusa heads shipped for preset ``name``'s shape (SmolLM2's), else None."""
     if name != "smollm2-135m":
         return None
-    from medusa_jax.api import default_heads_path
-
     return default_heads_path()

@@ -258,7 +258,7 @@ def test_nan_in_a_safetensors_weight_names_the_tensor(tmp_path):
     from medusa_jax.config import tiny_config
     from medusa_jax.model import init_params
     from medusa_jax.weights import CheckpointError, load_base_model, save_hf_checkpoint
-    from medusa_jax.weights.hf import SafetensorsFile, write_safetensors
+    from medusa_jax.weights.files import SafetensorsFile, write_safetensors
 
     cfg = tiny_config()
     save_hf_checkpoint(cfg, jax.device_get(init_params(cfg, jax.random.PRNGKey(0))), tmp_path)

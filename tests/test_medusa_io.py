@@ -13,7 +13,7 @@ import pytest
 from medusa_jax.config import ConfigError, MedusaConfig, tiny_config
 from medusa_jax.model.heads import MedusaHeads, head_logits, init_medusa_params
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import write_safetensors
+from medusa_jax.weights.files import write_safetensors
 from medusa_jax.weights.medusa_io import (
     detect_format,
     export_v1,

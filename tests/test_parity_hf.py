@@ -19,7 +19,7 @@ import transformers
 from medusa_jax.config import RopeScaling, tiny_config
 from medusa_jax.model import LlamaModel
 from medusa_jax.weights import load_hf_checkpoint, save_hf_checkpoint
-from medusa_jax.weights.hf import param_specs
+from medusa_jax.weights.layout import param_specs
 
 TOL = 1e-4
 HF_CONFIGS = {

@@ -49,12 +49,8 @@ from medusa_jax.errors import DataError
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.tokenizer import apply_chat_template
 from medusa_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
-from medusa_jax.training.data import (
-    DataReport,
-    iter_raw_records,
-    normalize_conversation,
-    sharegpt_path,
-)
+from medusa_jax.training.data.conversations import normalize_conversation
+from medusa_jax.training.data.sources import DataReport, iter_raw_records, sharegpt_path
 from medusa_jax.training.files import check_output_file, replace_file
 
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}

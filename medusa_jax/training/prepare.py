@@ -15,13 +15,9 @@ from typing import Any
 import numpy as np
 
 from medusa_jax.errors import DataError, MissingFileError
-from medusa_jax.training.data import (
-    DataReport,
-    load_conversations,
-    load_sharegpt,
-    prepare_arrays,
-    sharegpt_path,
-)
+from medusa_jax.training.data.batching import prepare_arrays
+from medusa_jax.training.data.conversations import load_conversations, load_sharegpt
+from medusa_jax.training.data.sources import DataReport, sharegpt_path
 from medusa_jax.training.run_config import BYTES_TOKENIZER, RunConfig
 
 log = logging.getLogger("medusa_jax.train")

@@ -10,14 +10,9 @@ import os
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.weights.errors import CheckpointError
+from medusa_jax.weights.files import SafetensorsFile, write_safetensors
 from medusa_jax.weights.gguf import GGUFCheckpoint, load_gguf, read_gguf_metadata
-from medusa_jax.weights.hf import (
-    HFCheckpoint,
-    SafetensorsFile,
-    load_hf_checkpoint,
-    save_hf_checkpoint,
-    write_safetensors,
-)
+from medusa_jax.weights.hf import HFCheckpoint, load_hf_checkpoint, save_hf_checkpoint
 
 __all__ = [
     "CheckpointError",

@@ -5,7 +5,7 @@ tensors, possibly quantized. ``load_gguf`` dequantizes each tensor to float32 wi
 ``gguf.quants.dequantize``, brings it into the Hugging Face layout (GGUF lists dimensions
 innermost-first, but the reader already hands out numpy arrays in ``[rows, cols]`` =
 ``[out, in]`` order; llama.cpp stores the Q/K rows of Llama models permuted for interleaved
-rotary, which we undo) and then reuses the HF loader's mapping into our tree.
+rotary, which we undo) and then reuses the HF layout mapping (:mod:`.layout`) into our tree.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 from medusa_jax.config import ModelConfig
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import assemble_params, config_kwargs, np_dtype
+from medusa_jax.weights.files import np_dtype
+from medusa_jax.weights.layout import assemble_params, config_kwargs
 
 # Architectures whose Q/K rows llama.cpp's converter permutes (its LlamaModel.permute);
 # qwen2 and others keep HF's rotate-half row order.

@@ -6,289 +6,37 @@ stacked arrays, so peak host memory is about the size of the converted weights p
 ``save_hf_checkpoint`` writes the inverse (``config.json`` + ``model.safetensors``) so that
 ``transformers.AutoModelForCausalLM.from_pretrained`` can read it.
 
-The name/shape mapping between the HF layout (``[out, in]`` matrices, heads flattened) and ours
-(``[in, ..., out]``, heads split, layers stacked on axis 0) lives in ``param_specs`` and is shared
-with the GGUF loader, which first brings GGUF tensors into the HF layout.
+The name/shape mapping between the HF layout and ours lives in :mod:`.layout`, shared with the
+GGUF loader.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-from typing import Protocol
 
 import ml_dtypes
 import numpy as np
 
-from medusa_jax.config import (
-    DTYPES,
-    ConfigError,
-    ModelConfig,
-    normalize_hf_config,  # noqa: F401  (re-exported)
-)
+from medusa_jax.config import ModelConfig, normalize_hf_config
 from medusa_jax.model.llama import convert_layout
 from medusa_jax.weights.errors import CheckpointError
+from medusa_jax.weights.files import (
+    SafetensorsFile,
+    listing,
+    np_dtype,
+    read_json,
+    write_json,
+    write_safetensors,
+)
+from medusa_jax.weights.layout import ParamSpec, assemble_params, config_kwargs, param_specs
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# safetensors dtype tags. numpy has no bfloat16/float8: ml_dtypes (a JAX dependency) provides them.
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U64": np.dtype(np.uint64),
-    "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-_ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 # Keys every HF Llama checkpoint may carry that hold nothing we need (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_BAND = 256  # rows per block of a transposing copy (cache-friendly; see ParamSpec.fill)
-
-
-def np_dtype(name: str) -> np.dtype:
-    """``"float32" | "bfloat16" | "float16"`` -> the numpy dtype (bfloat16 from ml_dtypes)."""
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def config_kwargs(dtype: str, scan_layers: bool, overrides: dict) -> dict:
-    """The ModelConfig keyword overrides every loader applies: the loaded arrays' dtype becomes
-    ``param_dtype`` (so the config always describes the arrays it came with)."""
-    if "param_dtype" in overrides:
-        raise TypeError("pass the parameter dtype as dtype=..., not param_dtype=...")
-    np_dtype(dtype)
-    return {"param_dtype": dtype, "scan_layers": scan_layers, **overrides}
-
-
-# --------------------------------------------------------------------------- safetensors file
-class SafetensorsFile:
-    """One ``.safetensors`` file, opened lazily.
-
-    The header is parsed and validated up front, so a truncated or corrupt file fails here with
-    a message naming it; tensors are zero-copy, read-only views of a memory map. We parse the
-    (simple, documented) format ourselves because ``safetensors.safe_open(framework="numpy")``
-    cannot return bfloat16 tensors ("data type 'bfloat16' not understood"), and most
-    checkpoints are bfloat16.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                n = int.from_bytes(head, "little") if len(head) == 8 else -1
-                raw = f.read(n) if 0 <= n <= min(size - 8, _MAX_HEADER_BYTES) else b""
-        except OSError as e:
-            raise CheckpointError(f"cannot read safetensors file {self.path}: {e}") from e
-        if n < 0:
-            raise self._bad(f"the file has only {size} bytes")
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
-            raise self._bad(f"header length {n} does not fit in the file's {size} bytes")
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise self._bad(f"the header is not valid JSON ({e})") from e
-        if not isinstance(header, dict):
-            raise self._bad("the header is not a JSON object")
-        self.metadata: dict = header.pop("__metadata__", None) or {}
-        self._data_start = 8 + n
-        data_size = size - self._data_start
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
-        for key, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise self._bad(f"bad header entry for {key!r}: {e!r}") from err
-            if end > data_size:
-                raise self._bad(
-                    f"tensor {key!r} ends at byte {self._data_start + end} but the file has "
-                    f"only {size} bytes"
-                )
-            if begin < 0 or end - begin != dtype.itemsize * math.prod(shape):
-                raise self._bad(
-                    f"tensor {key!r}: byte range [{begin}, {end}) does not hold shape {shape} "
-                    f"of {e['dtype']}"
-                )
-            self._entries[key] = (dtype, shape, begin)
-        self._mmap: np.memmap | None = None
-
-    def _bad(self, why: str) -> CheckpointError:
-        return CheckpointError(f"truncated or corrupt safetensors file {self.path}: {why}")
-
-    def keys(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
-
-    def dtype(self, key: str) -> np.dtype:
-        return self._entries[key][0]
-
-    def get(self, key: str) -> np.ndarray:
-        """A read-only, zero-copy view of tensor ``key`` in its stored dtype and shape."""
-        dtype, shape, begin = self._entries[key]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return np.ndarray(shape, dtype, buffer=self._mmap, offset=self._data_start + begin)
-
-    def close(self) -> None:
-        """Drop this object's memory map (views already handed out keep it alive)."""
-        self._mmap = None
-
-
-def write_safetensors(path: str | os.PathLike, tensors, metadata: dict | None = None) -> None:
-    """Write tensors to a safetensors file, holding one tensor in memory at a time.
-
-    ``tensors`` is a dict ``key -> array`` or a list of ``(key, shape, dtype, make)`` where
-    ``make()`` returns the array only when its bytes are written. Any dtype of the format
-    (bfloat16 included) is written as is. The data goes to ``path + ".tmp"`` first and is renamed
-    into place, so a crash never leaves a half-written file under the final name.
-    """
-    if isinstance(tensors, dict):
-        tensors = [(k, tuple(a.shape), a.dtype, (lambda a=a: a)) for k, a in tensors.items()]
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    for key, shape, dtype, _ in tensors:
-        dt = np.dtype(dtype)
-        if dt not in _ST_TAGS:
-            raise ValueError(f"cannot write tensor {key!r} of dtype {dt} to safetensors")
-        nbytes = dt.itemsize * math.prod(shape)
-        header[key] = {"dtype": _ST_TAGS[dt], "shape": [int(s) for s in shape],
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte aligned tensor data
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for key, shape, dtype, make in tensors:
-            arr = np.ascontiguousarray(np.asarray(make()), dtype=np.dtype(dtype))
-            if arr.shape != tuple(shape):
-                raise ValueError(f"tensor {key!r} has shape {arr.shape}, declared {tuple(shape)}")
-            f.write(arr.reshape(-1).view(np.uint8).data)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- layout mapping
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """One parameter: where it lives in our tree, its HF name and shape, and how to convert.
-
-    ``hf_name`` is relative to the decoder (``embed_tokens.weight``, ``layers.{l}.mlp...``) except
-    ``lm_head.weight``. With ``transpose`` the HF matrix is transposed and then reshaped to
-    ``shape`` (e.g. ``q_proj.weight [N*H, D] -> [D, N*H] -> [D, N, H]``); otherwise only reshaped.
-    For per-layer specs ``shape`` is one layer's shape and ``hf_name`` has a ``{l}`` field.
-    """
-
-    path: tuple[str, ...]
-    hf_name: str
-    hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]
-    transpose: bool
-
-    def to_ours(self, w: np.ndarray) -> np.ndarray:
-        """HF-layout array -> our layout (a view where numpy can make one)."""
-        return (w.T if self.transpose else w).reshape(self.shape)
-
-    def fill(self, dst: np.ndarray, w: np.ndarray) -> None:
-        """Write HF-layout ``w`` into the contiguous our-layout slot ``dst`` (casting).
-
-        A transposing copy is done in bands of rows: a plain ``dst[...] = w.T`` walks one of
-        the two arrays with a large stride and is several times slower on 7B-sized matrices.
-        """
-        if not self.transpose:
-            dst[...] = w.reshape(self.shape)
-            return
-        flat = dst.reshape(self.hf_shape[::-1])  # a view: dst is contiguous
-        for j in range(0, w.shape[0], _BAND):
-            flat[:, j : j + _BAND] = w[j : j + _BAND].T
-
-    def to_hf(self, a: np.ndarray) -> np.ndarray:
-        """Our layout -> HF layout (the inverse of ``to_ours``)."""
-        if self.transpose:
-            return a.reshape(self.hf_shape[::-1]).T
-        return a.reshape(self.hf_shape)
-
-
-def param_specs(cfg: ModelConfig) -> tuple[list[ParamSpec], list[ParamSpec]]:
-    """``(top-level specs, per-layer specs)`` for ``cfg`` (per-layer paths are under ``layers``)."""
-    D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    F, V = cfg.intermediate_size, cfg.vocab_size
-    top = [
-        ParamSpec(("embed", "embedding"), "embed_tokens.weight", (V, D), (V, D), False),
-        ParamSpec(("final_norm", "scale"), "norm.weight", (D,), (D,), False),
-    ]
-    if not cfg.tie_word_embeddings:
-        top.append(ParamSpec(("lm_head",), "lm_head.weight", (V, D), (D, V), True))
-    a, m = "layers.{l}.self_attn.", "layers.{l}.mlp."
-    layer = [
-        ParamSpec(("attn", "q_proj"), a + "q_proj.weight", (N * H, D), (D, N, H), True),
-        ParamSpec(("attn", "k_proj"), a + "k_proj.weight", (K * H, D), (D, K, H), True),
-        ParamSpec(("attn", "v_proj"), a + "v_proj.weight", (K * H, D), (D, K, H), True),
-        ParamSpec(("attn", "o_proj"), a + "o_proj.weight", (D, N * H), (N, H, D), True),
-        ParamSpec(("attn_norm", "scale"), "layers.{l}.input_layernorm.weight", (D,), (D,), False),
-        ParamSpec(("mlp_norm", "scale"), "layers.{l}.post_attention_layernorm.weight", (D,), (D,),
-                  False),
-        ParamSpec(("mlp", "gate_proj"), m + "gate_proj.weight", (F, D), (D, F), True),
-        ParamSpec(("mlp", "up_proj"), m + "up_proj.weight", (F, D), (D, F), True),
-        ParamSpec(("mlp", "down_proj"), m + "down_proj.weight", (D, F), (F, D), True),
-    ]
-    if cfg.attention_bias:
-        layer += [
-            ParamSpec(("attn", "q_bias"), a + "q_proj.bias", (N * H,), (N, H), False),
-            ParamSpec(("attn", "k_bias"), a + "k_proj.bias", (K * H,), (K, H), False),
-            ParamSpec(("attn", "v_bias"), a + "v_proj.bias", (K * H,), (K, H), False),
-        ]
-    if cfg.mlp_bias:
-        layer += [
-            ParamSpec(("mlp", "gate_bias"), m + "gate_proj.bias", (F,), (F,), False),
-            ParamSpec(("mlp", "up_bias"), m + "up_proj.bias", (F,), (F,), False),
-            ParamSpec(("mlp", "down_bias"), m + "down_proj.bias", (D,), (D,), False),
-        ]
-    return top, layer
-
-
-class TensorSource(Protocol):
-    """What ``assemble_params`` reads from: HF-layout arrays by HF-relative name."""
-
-    def has(self, name: str) -> bool: ...
-
-    def get(self, name: str) -> np.ndarray:
-        """The HF-layout array; raises CheckpointError naming the key if absent."""
-        ...
-
-    def describe(self, name: str) -> str:
-        """Where ``name`` lives, for error messages (real key and file)."""
-        ...
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
 
 
 def _get(tree: dict, path: tuple[str, ...]):
@@ -297,68 +45,7 @@ def _get(tree: dict, path: tuple[str, ...]):
     return tree
 
 
-def _checked(src: TensorSource, spec: ParamSpec, name: str) -> np.ndarray:
-    w = src.get(name)
-    if tuple(w.shape) != spec.hf_shape:
-        raise CheckpointError(
-            f"shape mismatch for {src.describe(name)}: expected {spec.hf_shape} (from the "
-            f"config), found {tuple(w.shape)}"
-        )
-    check_finite(w, src.describe(name))
-    return w
-
-
-def check_finite(w, what: str) -> None:
-    """CheckpointError naming ``what`` when ``w`` holds NaN or inf (a corrupt file: flipped
-    bytes decode to garbage that would otherwise be generated from, silently)."""
-    w = np.asarray(w)
-    if w.dtype.kind in "biu":  # integer tensors (e.g. quantisation indices) cannot be NaN
-        return
-    with np.errstate(all="ignore"):
-        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
-    if bad:
-        raise CheckpointError(f"{what} holds {bad} NaN/inf values: the checkpoint is corrupt "
-                              "(re-download or re-export it)")
-
-
-def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: np.dtype) -> dict:
-    """Read every base-model tensor from ``src`` into the stacked (``scan_layers``) param tree.
-
-    Each stacked leaf ``[L, ...]`` is allocated once in ``dtype`` and filled layer by layer, so
-    only one source tensor is in flight at a time.
-    """
-    top, per_layer = param_specs(cfg)
-    params: dict = {}
-    for spec in top:
-        out = np.empty(spec.shape, dtype)
-        spec.fill(out, _checked(src, spec, spec.hf_name))
-        _set(params, spec.path, out)
-    layers: dict = {}
-    for spec in per_layer:
-        out = np.empty((cfg.num_layers, *spec.shape), dtype)
-        for i in range(cfg.num_layers):
-            spec.fill(out[i], _checked(src, spec, spec.hf_name.format(l=i)))
-        _set(layers, spec.path, out)
-    params["layers"] = layers
-    for i in range(cfg.num_layers):
-        # HF Llama's attention_bias also adds an o_proj bias, which our model does not have:
-        # accept it only when it is all zeros rather than silently dropping it.
-        name = f"layers.{i}.self_attn.o_proj.bias"
-        if src.has(name) and np.any(np.asarray(src.get(name)) != 0):
-            raise CheckpointError(
-                f"{src.describe(name)} is nonzero, but the model has no attention output bias "
-                "(only a zero o_proj bias can be loaded)"
-            )
-    return params
-
-
 # --------------------------------------------------------------------------- checkpoint dir
-def _listing(path: str) -> str:
-    names = sorted(os.listdir(path))
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
-    return shown or "nothing"
-
-
 class HFCheckpoint:
     """A Hugging Face checkpoint directory opened for reading.
 
@@ -378,15 +65,8 @@ class HFCheckpoint:
             )
         cfg_path = os.path.join(self.path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"no {CONFIG_NAME} in {self.path} (found: {_listing(self.path)})")
-        try:
-            with open(cfg_path) as f:
-                hf = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot parse {cfg_path}: {e}") from e
-        if not isinstance(hf, dict):
-            raise CheckpointError(f"{cfg_path} does not hold a JSON object")
-        self.hf_config: dict = normalize_hf_config(hf)
+            raise CheckpointError(f"no {CONFIG_NAME} in {self.path} (found: {listing(self.path)})")
+        self.hf_config: dict = normalize_hf_config(read_json(cfg_path))
         self.files = [SafetensorsFile(p) for p in self._weight_files()]
         self._where: dict[str, SafetensorsFile] = {}
         for f in self.files:
@@ -414,7 +94,7 @@ class HFCheckpoint:
         others = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
         if others:
             return [os.path.join(self.path, n) for n in others]
-        msg = f"no *.safetensors weights in {self.path} (found: {_listing(self.path)})"
+        msg = f"no *.safetensors weights in {self.path} (found: {listing(self.path)})"
         if any(n.endswith((".bin", ".pt", ".pth")) for n in os.listdir(self.path)):
             msg += (
                 "; PyTorch pickle checkpoints (.bin/.pt) are not supported. Convert once with: "
@@ -575,11 +255,9 @@ def save_hf_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike,
     hf["torch_dtype"] = "bfloat16" if first == np.dtype(ml_dtypes.bfloat16) else first.name
     if cfg.pad_token_id is not None:
         hf["pad_token_id"] = cfg.pad_token_id
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(hf, f, indent=2)
+    write_json(os.path.join(path, CONFIG_NAME), hf)
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
-    with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({**gen, "do_sample": False}, f, indent=2)
+    write_json(os.path.join(path, "generation_config.json"), {**gen, "do_sample": False})
     if tokenizer is not None:
         from medusa_jax.tokenizer import save_tokenizer
 

@@ -7,14 +7,9 @@ and layout (``res_kernel [M, N, D, D]`` input -> output, ``res_bias [M, N, D]``,
 [M, D, D]``, ``in_embed [M, M, E, D]`` and ``in_bias [M, D]``). A config without ``head_type``
 (files written before it existed) loads as Medusa heads.
 
-The original code stores PyTorch ``Linear`` weights (``[out, in]``, ``y = x W^T + b``):
-
-* Medusa-1 "v1": ``config.json`` + ``medusa_lm_head.safetensors`` (or ``.pt``) with keys
-  ``{i}.{j}.linear.weight [D, D]``, ``{i}.{j}.linear.bias [D]`` (ResBlock j of head i) and
-  ``{i}.{N}.weight [V, D]`` (the head's own vocab projection).
-* "version 2" (``"version": "2"``): only ``{i}.0.linear.*``; the heads share the base LM head.
-* Medusa-2 full models: a Hugging Face checkpoint whose safetensors also hold the v1 keys under
-  ``medusa_head.``.
+The original layouts (Medusa-1 "v1", "version 2", and Medusa-2 full models whose safetensors
+hold the heads under ``medusa_head.``) are read by :mod:`.medusa_original`; :func:`export_v1`
+writes the first two.
 
 ``load_heads`` tells these apart by the files it finds; every loader returns
 ``(MedusaConfig, params)`` with numpy arrays (placing them on devices is the caller's job).
@@ -23,19 +18,34 @@ The original code stores PyTorch ``Linear`` weights (``[out, in]``, ``y = x W^T 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 
-from medusa_jax.config import DTYPES, ConfigError, MedusaConfig, ModelConfig
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.weights.errors import CheckpointError
-from medusa_jax.weights.hf import HFCheckpoint, SafetensorsFile, check_finite, write_safetensors
+from medusa_jax.weights.files import (
+    SafetensorsFile,
+    cast_arrays,
+    check_finite,
+    listing,
+    np_dtype,
+    read_json,
+    to_numpy,
+    write_json,
+    write_safetensors,
+)
+from medusa_jax.weights.hf import HFCheckpoint
+from medusa_jax.weights.medusa_original import (
+    HF_PREFIX,
+    V1_CONFIG,
+    V1_PT,
+    V1_SAFETENSORS,
+    load_heads_from_state_dict,
+    load_v1_heads,
+)
 
 __all__ = [
     "CheckpointError",
@@ -51,58 +61,9 @@ FORMAT_NAME = "medusa_jax"
 FORMAT_VERSION = 1
 OURS_CONFIG = "medusa_config.json"
 OURS_WEIGHTS = "heads.safetensors"
-V1_CONFIG = "config.json"
-V1_SAFETENSORS = "medusa_lm_head.safetensors"
-V1_PT = "medusa_lm_head.pt"
-HF_PREFIX = "medusa_head."
-
-_LINEAR_RE = re.compile(r"^(\d+)\.(\d+)\.linear\.(weight|bias)$")
-_VOCAB_RE = re.compile(r"^(\d+)\.(\d+)\.weight$")
 
 
 # --------------------------------------------------------------------------- helpers
-def _dtype_name(dt: np.dtype) -> str | None:
-    """numpy dtype -> one of ``DTYPES`` (None for anything else, e.g. float64)."""
-    dt = np.dtype(dt)
-    if dt == np.dtype(ml_dtypes.bfloat16):
-        return "bfloat16"
-    return dt.name if dt.name in DTYPES else None
-
-
-def _np_dtype(name: str) -> np.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"dtype={name!r} is not supported (supported: {', '.join(DTYPES)})")
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def _to_numpy(x) -> np.ndarray:
-    """A numpy view/copy of a numpy, JAX or torch array (torch bfloat16 included)."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch, without importing it
-        t = x.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            # numpy has no bfloat16: go through float32, which is exact for bfloat16 values.
-            return t.float().numpy().astype(ml_dtypes.bfloat16)
-        return t.numpy()
-    return np.asarray(x)
-
-
-def _listing(path: str) -> str:
-    names = sorted(os.listdir(path))
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} entries)" if len(names) > 20 else "")
-    return shown or "nothing (empty directory)"
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot parse {path}: {e}") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return d
-
-
 def _json_default(x):
     """Make training metadata (numpy scalars, arrays, paths, ...) JSON-serialisable."""
     if isinstance(x, np.generic):
@@ -120,7 +81,7 @@ def _unbox(params) -> dict:
     out = {}
     for k, v in params.items():
         v = getattr(v, "value", v)  # flax.linen.Partitioned and other meta boxes
-        out[k] = _to_numpy(v)
+        out[k] = to_numpy(v)
     return out
 
 
@@ -165,18 +126,14 @@ def save_heads(path: str | os.PathLike, mcfg: MedusaConfig, medusa_params,
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     params = _unbox(medusa_params)
     _check_params(mcfg, params)
-    dt = _np_dtype(mcfg.param_dtype)
+    dt = np_dtype(mcfg.param_dtype)
     os.makedirs(path, exist_ok=True)
     tensors = {k: np.ascontiguousarray(params[k], dtype=dt) for k in _expected_shapes(mcfg)}
     # Weights first, config last: a directory with a config always has its weights.
     write_safetensors(os.path.join(path, OURS_WEIGHTS), tensors, metadata={"format": FORMAT_NAME})
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **mcfg.to_dict(),
            "metadata": dict(metadata or {})}
-    text = json.dumps(cfg, indent=2, default=_json_default)
-    cfg_path = os.path.join(path, OURS_CONFIG)
-    with open(cfg_path + ".tmp", "w") as f:
-        f.write(text + "\n")
-    os.replace(cfg_path + ".tmp", cfg_path)
+    write_json(os.path.join(path, OURS_CONFIG), cfg, default=_json_default)
     return path
 
 
@@ -186,12 +143,12 @@ def read_heads_metadata(path: str | os.PathLike) -> dict:
     cfg_path = os.path.join(path, OURS_CONFIG) if os.path.isdir(path) else path
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"no {OURS_CONFIG} at {path}")
-    return dict(_read_json(cfg_path).get("metadata") or {})
+    return dict(read_json(cfg_path).get("metadata") or {})
 
 
 def _load_ours(path: str, dtype: str | None) -> tuple[MedusaConfig, dict]:
     cfg_path = os.path.join(path, OURS_CONFIG)
-    d = _read_json(cfg_path)
+    d = read_json(cfg_path)
     if d.get("format", FORMAT_NAME) != FORMAT_NAME:
         raise CheckpointError(f"{cfg_path}: format is {d.get('format')!r}, not {FORMAT_NAME!r}")
     fields = {f.name for f in dataclasses.fields(MedusaConfig)}
@@ -202,7 +159,7 @@ def _load_ours(path: str, dtype: str | None) -> tuple[MedusaConfig, dict]:
     w_path = os.path.join(path, OURS_WEIGHTS)
     if not os.path.isfile(w_path):
         raise CheckpointError(f"{cfg_path} exists but {OURS_WEIGHTS} is missing from {path} "
-                              f"(found: {_listing(path)})")
+                              f"(found: {listing(path)})")
     f = SafetensorsFile(w_path)
     expected = _expected_shapes(mcfg)
     params = {}
@@ -217,200 +174,12 @@ def _load_ours(path: str, dtype: str | None) -> tuple[MedusaConfig, dict]:
     extra = sorted(set(f.keys()) - set(expected))
     if extra:
         warnings.warn(f"{w_path}: ignoring tensors not in the Medusa config: {extra}", stacklevel=2)
-    params, pdt = _cast(params, dtype)
+    params, pdt = cast_arrays(params, dtype)
     f.close()
     return dataclasses.replace(mcfg, param_dtype=pdt), params
 
 
-def _cast(params: dict, dtype: str | None) -> tuple[dict, str]:
-    """Owned copies of ``params`` in ``dtype`` (None: the stored dtype when it is one of ours,
-    else float32), and that dtype's name."""
-    if dtype is None:
-        names = {_dtype_name(a.dtype) for a in params.values()}
-        dtype = names.pop() if len(names) == 1 and None not in names else "float32"
-    dt = _np_dtype(dtype)
-    # np.array copies: the results must not keep the file's memory map (or a torch tensor) alive.
-    return {k: np.array(v, dtype=dt) for k, v in params.items()}, dtype
-
-
-# --------------------------------------------------------------------------- original layouts
-def load_heads_from_state_dict(
-    tensors: Mapping[str, Any],
-    prefix: str = HF_PREFIX,
-    *,
-    hf_config: dict | None = None,
-    vocab_size: int | None = None,
-    dtype: str | None = None,
-    source: str = "the state dict",
-) -> tuple[MedusaConfig, dict]:
-    """Heads from original-layout tensors: ``{prefix}{i}.{j}.linear.weight [D, D]`` / ``.bias [D]``
-    and, unless the heads share the base LM head, ``{prefix}{i}.{N}.weight [V, D]``.
-
-    Used for Medusa-2 full-model state dicts (``prefix="medusa_head."``) and for v1 / version-2
-    head files (``prefix=""``). Values may be numpy, JAX or torch arrays; keys without ``prefix``
-    are ignored. M and N come from the keys (``hf_config``'s ``medusa_num_heads`` /
-    ``medusa_num_layers`` only trigger a warning when they disagree). ``vocab_size`` is needed only
-    for shared-LM-head heads when ``hf_config`` has no ``vocab_size``. ``dtype`` None keeps the
-    stored dtype. Returns ``(MedusaConfig, params)``.
-    """
-    hf_config = dict(hf_config or {})
-    lin: dict[tuple[int, int, str], str] = {}  # (head, layer, weight|bias) -> key
-    vocab: dict[int, tuple[int, str]] = {}  # head -> (index, key)
-    unknown = []
-    for key in tensors:
-        if not key.startswith(prefix):
-            continue
-        rel = key[len(prefix):]
-        if m := _LINEAR_RE.match(rel):
-            lin[(int(m[1]), int(m[2]), m[3])] = key
-        elif m := _VOCAB_RE.match(rel):
-            vocab[int(m[1])] = (int(m[2]), key)
-        else:
-            unknown.append(key)
-    if not lin and not vocab:
-        some = [k for k in tensors][:10]
-        raise CheckpointError(
-            f"no Medusa head tensors (keys like {prefix + '0.0.linear.weight'!r}) in {source}; "
-            f"found keys: {some}{' ...' if len(tensors) > 10 else ''}"
-        )
-    if unknown:
-        warnings.warn(f"{source}: ignoring unrecognised Medusa head tensors {unknown[:10]}",
-                      stacklevel=2)
-    heads = {i for i, _, _ in lin} | set(vocab)
-    M = max(heads) + 1
-    N = max((j for _, j, _ in lin), default=-1) + 1
-    shared = not vocab
-
-    # The config's counts are advisory: released checkpoints sometimes disagree with their keys.
-    for field, n, what in (("medusa_num_heads", M, "heads"), ("medusa_num_layers", N, "layers")):
-        stated = hf_config.get(field)
-        if stated is not None and int(stated) != n:
-            warnings.warn(
-                f"{source}: config.json says {field}={stated}, but the stored tensors hold {n} "
-                f"{what}; using {n} (from the tensors)",
-                stacklevel=2,
-            )
-    version2 = str(hf_config.get("version", "")) == "2"
-    if version2 and not shared:
-        warnings.warn(f"{source}: config.json says version 2 (heads share the base LM head), but "
-                      f"the tensors hold each head's own vocab projection; using them",
-                      stacklevel=2)
-    if shared and N != 1:
-        raise CheckpointError(
-            f"{source}: heads without their own vocab projection ({prefix}{{i}}.{{N}}.weight) "
-            f"are the 'version 2' layout, which has exactly 1 ResBlock per head; found {N}"
-        )
-
-    def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
-        if key not in tensors:
-            raise CheckpointError(f"missing tensor {key!r} in {source}")
-        a = _to_numpy(tensors[key])
-        if tuple(a.shape) != shape:
-            raise CheckpointError(
-                f"shape mismatch for tensor {key!r} in {source}: expected {shape}, found "
-                f"{tuple(a.shape)}"
-            )
-        return a
-
-    # D from the first tensor present (then every other shape is checked against it).
-    if lin:
-        D = int(_to_numpy(tensors[lin[min(lin)]]).shape[0])
-    else:
-        D = int(_to_numpy(tensors[vocab[min(vocab)][1]]).shape[-1])
-    if hf_config.get("hidden_size") not in (None, D):
-        raise CheckpointError(f"{source}: config.json has hidden_size={hf_config['hidden_size']} "
-                              f"but the head tensors have hidden size {D}")
-
-    V = None
-    if not shared:
-        for i in range(M):
-            if i not in vocab:
-                raise CheckpointError(f"missing tensor {prefix}{i}.{N}.weight (head {i}'s vocab "
-                                      f"projection) in {source}")
-            j, key = vocab[i]
-            if j != N:
-                raise CheckpointError(
-                    f"inconsistent head layout in {source}: {key!r} is a vocab projection at "
-                    f"position {j}, but the heads have {N} ResBlocks (expected "
-                    f"{prefix}{i}.{N}.weight)"
-                )
-        V = int(_to_numpy(tensors[vocab[0][1]]).shape[0])
-        if hf_config.get("vocab_size") not in (None, V):
-            raise CheckpointError(f"{source}: config.json has vocab_size={hf_config['vocab_size']}"
-                                  f" but the heads' vocab projections have {V} rows")
-    else:
-        V = hf_config.get("vocab_size") or vocab_size
-        if not V:
-            raise CheckpointError(
-                f"{source}: the heads share the base model's LM head and no vocab size is "
-                "stated; pass the base model's config (load_heads(path, base_cfg=...)) or "
-                "vocab_size=..."
-            )
-
-    params: dict[str, np.ndarray] = {}
-    kernel = np.empty((M, N, D, D), np.float32)
-    bias = np.empty((M, N, D), np.float32)
-    stored = []
-    for i in range(M):
-        for j in range(N):
-            # torch Linear stores [out, in]; ours is [in, out].
-            w = get(lin.get((i, j, "weight"), f"{prefix}{i}.{j}.linear.weight"), (D, D))
-            b = get(lin.get((i, j, "bias"), f"{prefix}{i}.{j}.linear.bias"), (D,))
-            kernel[i, j], bias[i, j] = w.T, b
-            stored += [w.dtype, b.dtype]
-    params["res_kernel"], params["res_bias"] = kernel, bias
-    if not shared:
-        lm = np.empty((M, D, V), np.float32)
-        for i in range(M):
-            w = get(vocab[i][1], (V, D))
-            lm[i] = w.T
-            stored.append(w.dtype)
-        params["lm_head"] = lm
-    if dtype is None:
-        names = {_dtype_name(d) for d in stored}
-        dtype = names.pop() if len(names) == 1 and None not in names else "float32"
-    params, pdt = _cast(params, dtype)
-    mcfg = MedusaConfig(num_heads=M, num_layers=N, hidden_size=D, vocab_size=int(V),
-                        shared_lm_head=shared, param_dtype=pdt)
-    return mcfg, params
-
-
-def _import_torch(what: str):
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(
-            f"{what} is a PyTorch pickle (.pt): reading it needs torch (pip install torch), "
-            f"or convert it once to {V1_SAFETENSORS} on a machine that has torch"
-        ) from e
-    return torch
-
-
-def _read_pt(path: str) -> dict:
-    torch = _import_torch(path)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds (EOFError, RuntimeError, UnpicklingError)
-        raise CheckpointError(f"cannot read PyTorch checkpoint {path} (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
-    if not isinstance(sd, Mapping) or not all(isinstance(k, str) for k in sd):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of tensor names)")
-    return dict(sd)
-
-
-def _load_v1(path: str, base_vocab: int | None, dtype: str | None) -> tuple[MedusaConfig, dict]:
-    cfg_path = os.path.join(path, V1_CONFIG)
-    hf_config = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    st, pt = os.path.join(path, V1_SAFETENSORS), os.path.join(path, V1_PT)
-    if os.path.isfile(st):
-        f = SafetensorsFile(st)
-        tensors, source = {k: f.get(k) for k in f.keys()}, st
-    else:
-        tensors, source = _read_pt(pt), pt
-    return load_heads_from_state_dict(tensors, prefix="", hf_config=hf_config,
-                                      vocab_size=base_vocab, dtype=dtype, source=source)
-
-
+# --------------------------------------------------------------------------- Medusa-2 full models
 def _load_hf(path: str, base_vocab: int | None, dtype: str | None) -> tuple[MedusaConfig, dict]:
     ckpt = HFCheckpoint(path)
     prefix = _hf_prefix(ckpt.keys())
@@ -456,7 +225,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if os.path.isfile(os.path.join(path, OURS_CONFIG)):
         return FORMAT_NAME
     cfg_path = os.path.join(path, V1_CONFIG)
-    hf_config = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
+    hf_config = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     if any(os.path.isfile(os.path.join(path, n)) for n in (V1_SAFETENSORS, V1_PT)):
         return "v2" if str(hf_config.get("version", "")) == "2" else "v1"
     has_st = any(n.endswith(".safetensors") for n in os.listdir(path))
@@ -468,7 +237,7 @@ def detect_format(path: str | os.PathLike) -> str:
     raise CheckpointError(
         f"no Medusa head files in {path} (expected {OURS_CONFIG} + {OURS_WEIGHTS}, config.json + "
         f"{V1_SAFETENSORS} or {V1_PT}, or a Hugging Face checkpoint with '{HF_PREFIX}*' "
-        f"tensors); found: {_listing(path)}{hint}"
+        f"tensors); found: {listing(path)}{hint}"
     )
 
 
@@ -485,13 +254,13 @@ def load_heads(path: str | os.PathLike, base_cfg: ModelConfig | None = None,
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     if dtype is not None:
-        _np_dtype(dtype)
+        np_dtype(dtype)
     kind = detect_format(path)
     base_vocab = base_cfg.vocab_size if base_cfg is not None else None
     if kind == FORMAT_NAME:
         mcfg, params = _load_ours(path, dtype)
     elif kind in ("v1", "v2"):
-        mcfg, params = _load_v1(path, base_vocab, dtype)
+        mcfg, params = load_v1_heads(path, base_vocab, dtype)
     else:
         mcfg, params = _load_hf(path, base_vocab, dtype)
     for name, w in params.items():
@@ -523,7 +292,7 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     p = _unbox(params)
     _check_params(mcfg, p)
     M, N, D, V = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size, mcfg.vocab_size
-    dt = _np_dtype(mcfg.param_dtype)
+    dt = np_dtype(mcfg.param_dtype)
     if version2:
         if not mcfg.shared_lm_head:
             raise CheckpointError("version2=True needs heads that share the base LM head "
@@ -539,7 +308,7 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
                 "vocab projection: pass base_lm_head=[D, V] (the base model's lm_head), or "
                 "version2=True when num_layers == 1"
             )
-        b = _to_numpy(getattr(base_lm_head, "value", base_lm_head))
+        b = to_numpy(getattr(base_lm_head, "value", base_lm_head))
         if tuple(b.shape) != (D, V):
             raise CheckpointError(f"base_lm_head must have shape [D, V] = {(D, V)}, got "
                                   f"{tuple(b.shape)}" + (" (transpose it)" if b.shape == (V, D) else ""))
@@ -580,7 +349,5 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     }
     if version2:
         cfg["version"] = "2"
-    with open(os.path.join(path, V1_CONFIG), "w") as f:
-        json.dump(cfg, f, indent=2)
-        f.write("\n")
+    write_json(os.path.join(path, V1_CONFIG), cfg)
     return path
