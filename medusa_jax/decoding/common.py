@@ -159,19 +159,19 @@ class Timer:
     marking). ``compile_seconds``: all compile time so far."""
 
     def __init__(self):
-        self._t, self._c, self.compile_seconds = time.perf_counter(), 0.0, 0.0
+        self.compile_seconds = 0.0
+        self._t, self._compile_at_mark = time.perf_counter(), 0.0
 
     def compiled(self, fn, *args, **static):
         """``compiled_call(fn, *args, **static)``'s result; its compile time is counted here."""
         out, seconds = compiled_call(fn, *args, **static)
-        self._c += seconds
         self.compile_seconds += seconds
         return out
 
     def mark(self) -> float:
         t = time.perf_counter()
-        dt = (t - self._t) - self._c
-        self._t, self._c = t, 0.0
+        dt = (t - self._t) - (self.compile_seconds - self._compile_at_mark)
+        self._t, self._compile_at_mark = t, self.compile_seconds
         return max(dt, 0.0)
 
 

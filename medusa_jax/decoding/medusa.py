@@ -296,8 +296,8 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     cache_len = check_lengths(cfg, int(lens.max()), max_new, extra=extra, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1], int(lens.max()) + max_new + extra)
     state = timer.compiled(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
-                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                          cache_len=cache_len)
+                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                           cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
     propose = propose or default_proposer(mcfg, cfg, settings)

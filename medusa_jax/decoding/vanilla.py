@@ -98,8 +98,8 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
     cache_len = check_lengths(cfg, int(lens.max()), settings.max_new_tokens, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1] + settings.max_new_tokens)
     state = timer.compiled(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
-                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                          cache_len=cache_len)
+                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                           cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
 
