@@ -143,10 +143,10 @@ def read_prompts(args) -> list[str]:
             data = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError as e:
             raise MedusaError(f"standard input is not UTF-8 text (byte {e.start}): pipe text "
-                             "prompts, one per line") from None
+                              "prompts, one per line") from None
         if "\x00" in data:
             raise MedusaError("standard input holds binary data (NUL bytes): pipe text prompts, "
-                             "one per line")
+                              "one per line")
         prompts = [line for line in data.splitlines() if line.strip()]
     if not prompts:
         raise MedusaError("no prompt given: use --prompt, --prompts-file or standard input")
@@ -242,7 +242,7 @@ def _check_random_inputs(args, prompts):
     heads = None if heads in ("none", "") else heads
     if heads is None and (args.compare or args.tree != "default"):
         raise MedusaError(f"no Medusa heads for preset {args.preset!r}: give them with "
-                         "--medusa PATH, or drop --compare/--tree")
+                          "--medusa PATH, or drop --compare/--tree")
     if args.tree != "default":
         check_tree(args.tree)
     acceptance = _acceptance(args, heads)

@@ -255,7 +255,7 @@ def minibatch(data: HiddenSet, idx, mcfg: MedusaConfig, head_target: str = "toke
     if mcfg.is_hydra or head_target == "base":
         if data.tokens is None or data.teacher is None:
             raise DataError("these hidden states have no token inputs / teacher rows (made "
-                             "before HiddenSet had them): collect them again")
+                            "before HiddenSet had them): collect them again")
     if mcfg.is_hydra:
         b["tokens"] = data.tokens[idx]
     if head_target == "base":
@@ -437,7 +437,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     n, bt = len(train_set), tcfg.token_batch
     if n < bt:
         raise DataError(f"only {n} training positions for train.token_batch={bt}: add data or "
-                         "lower train.token_batch")
+                        "lower train.token_batch")
     per_epoch = n // bt
     order, metrics_f, window = None, open(paths.metrics, "w"), []
     t = time.perf_counter()

@@ -192,7 +192,7 @@ def state_from_tree(tcfg: TrainConfig, tree: dict, base_params: Any = None) -> T
     if "base" not in params:
         if base_params is None:
             raise CheckpointError("this checkpoint holds no base parameters (Medusa-1): pass "
-                             "base_params")
+                                  "base_params")
         params = {"base": base_params, **params}
     return TrainState(step=tree["step"], params=params, opt_state=tree["opt_state"],
                       rng=tree["rng"])

@@ -286,8 +286,8 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     """
     if mcfg.is_hydra:
         raise CheckpointError("the original Medusa layout cannot hold Hydra heads (head_type='hydra': "
-                         "each head also reads its path's token embeddings); save them with "
-                         "save_heads instead")
+                              "each head also reads its path's token embeddings); save them with "
+                              "save_heads instead")
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
     p = _unbox(params)
     _check_params(mcfg, p)
@@ -296,7 +296,7 @@ def export_v1(path: str | os.PathLike, mcfg: MedusaConfig, params, base_lm_head=
     if version2:
         if not mcfg.shared_lm_head:
             raise CheckpointError("version2=True needs heads that share the base LM head "
-                             "(shared_lm_head=True); these have their own lm_head: export v1")
+                                  "(shared_lm_head=True); these have their own lm_head: export v1")
         if N != 1:
             raise CheckpointError(f"the version 2 layout has exactly 1 ResBlock per head; these heads "
                                   f"have num_layers={N}")
