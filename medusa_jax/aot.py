@@ -10,7 +10,7 @@ not fit fails with the compiler's own out-of-memory message, which we turn into 
 
 What is compiled is our real code: the Medusa-1/2 train step (``training.step``: the loss, the
 gradients and the optimizer update, sharded by ``sharding.LOGICAL_AXIS_RULES``, the state
-donated) and the Medusa tree-decoding loop (``decoding.medusa._medusa_decode``: the whole
+donated) and the Medusa tree-decoding loop (``decoding.medusa.medusa_decode``: the whole
 ``lax.while_loop`` of verification steps over a KV cache of ``cache_len`` slots).
 
     python -m medusa_jax.aot --config configs/vicuna7b_medusa2_pod.yaml --model llama2-7b \\
@@ -582,19 +582,6 @@ def abstract_train_inputs(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, mesh: Mesh
     return state, batch, frozen, sh
 
 
-def _jitted_train_step(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, sh, mesh: Mesh):
-    """The same ``jax.jit`` as ``make_train_step(..., mesh)`` builds (which hides it behind a
-    wrapper that enters the mesh): the step functions, state and batch shardings, replicated
-    metrics, the state donated."""
-    from medusa_jax.training.step import _Steps
-
-    steps = _Steps(cfg, mcfg, tcfg)
-    fn = steps.medusa1 if tcfg.mode == "medusa1" else steps.medusa2
-    kd = tcfg.mode == "medusa2" and tcfg.kd
-    in_sh = (sh, batch_sharding(mesh)) + ((sh.params["base"],) if kd else ())
-    return jax.jit(fn, in_shardings=in_sh, out_shardings=(sh, sh.step), donate_argnums=(0,))
-
-
 def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | Topology,
                   mesh_cfg: MeshConfig | None = None, *, packed: bool = True,
                   check: bool = False) -> AOTReport:
@@ -611,7 +598,7 @@ def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | To
     if tcfg.seq_len > cfg.max_position_embeddings:
         raise AOTError(f"train.seq_len={tcfg.seq_len} exceeds the model's "
                        f"max_position_embeddings={cfg.max_position_embeddings}")
-    state, batch, frozen, sh = abstract_train_inputs(cfg, mcfg, tcfg, mesh, packed)
+    state, batch, frozen, _ = abstract_train_inputs(cfg, mcfg, tcfg, mesh, packed)
     rep = AOTReport(
         kind="train", topology=topo.name, chip=topo.chip, num_devices=topo.num_devices,
         num_hosts=topo.num_hosts, mesh=dict(mesh.shape), model=_model_info(cfg, mcfg),
@@ -624,7 +611,9 @@ def compile_train(cfg: ModelConfig, mcfg: MedusaConfig, tcfg, topology: str | To
         extra={"mode": tcfg.mode, "kd": tcfg.kd, "packed": packed,
                "frozen_base_bytes": _device_bytes(frozen) if frozen is not None else 0},
     )
-    jitted = _jitted_train_step(cfg, mcfg, tcfg, sh, mesh)
+    from medusa_jax.training.step import jitted_train_step
+
+    jitted = jitted_train_step(cfg, mcfg, tcfg, mesh)  # what make_train_step(..., mesh) calls
     args = (state, batch) + ((frozen,) if frozen is not None else ())
     _compile_into(rep, jitted, args, mesh)
     if not rep.fits:
@@ -712,10 +701,10 @@ def _decode_settings(tree, num_heads: int, max_new_tokens: int):
 
 def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, settings,
                            batch_size: int, cache_len: int):
-    """``(params, state, stop_step)`` of ``_medusa_decode`` as sharded ``ShapeDtypeStruct``:
+    """``(params, state, stop_step)`` of ``medusa_decode`` as sharded ``ShapeDtypeStruct``:
     parameters by the logical-axis rules, the KV cache ``[L, B, K, S, H]`` with its rows over
     ``data`` x ``fsdp`` (when the batch divides) and its KV heads over ``tensor``."""
-    from medusa_jax.decoding.medusa import _medusa_prefill
+    from medusa_jax.decoding.medusa import abstract_medusa_state
     from medusa_jax.training.step import abstract_params
 
     boxed = abstract_params(cfg, mcfg)
@@ -727,12 +716,8 @@ def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, set
     n_rows = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = ("data", "fsdp") if batch_size % n_rows == 0 else None
     heads = "tensor" if cfg.num_kv_heads % mesh.shape["tensor"] == 0 else None
-    prompt = jax.ShapeDtypeStruct((batch_size, 16), jnp.int32)
-    state = jax.eval_shape(
-        functools.partial(_medusa_prefill, cfg=cfg, settings=settings, cache_len=cache_len),
-        nn.meta.unbox(boxed), prompt, jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-        jax.eval_shape(lambda: jax.random.PRNGKey(0)),
-    )
+    state = abstract_medusa_state(nn.meta.unbox(boxed), batch_size, cache_len, cfg=cfg,
+                                  settings=settings)
 
     def spec(path, x):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
@@ -752,10 +737,10 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
                    mesh_cfg: MeshConfig | None = None, *, batch_size: int = 1,
                    cache_len: int = 2048, tree=None, max_new_tokens: int = 256,
                    weight_layout: str = "default", check: bool = False) -> AOTReport:
-    """Compile the Medusa decoding loop (``_medusa_decode``: verification steps in a
+    """Compile the Medusa decoding loop (``medusa_decode``: verification steps in a
     ``while_loop`` over a ``cache_len``-slot KV cache, the heads proposing, ``tree`` verified
     each step; None: :data:`DEFAULT_TREE`, cut to the heads' depth) for ``topology``. The KV cache is in the compute dtype (``cfg.dtype``)."""
-    from medusa_jax.decoding.medusa import _medusa_decode, heads_proposer
+    from medusa_jax.decoding.medusa import heads_proposer, medusa_decode
 
     topo = get_topology(topology) if isinstance(topology, str) else topology
     mesh = topology_mesh(topo, mesh_cfg or MeshConfig())
@@ -787,12 +772,12 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     propose = heads_proposer(mcfg, cfg, tree_b.topk, tree_b.depth)
     rep.extra["weight_layout"] = weight_layout
     if weight_layout == "default":
-        jitted = _Lowerable(_medusa_decode, dict(cfg=cfg, settings=settings, propose=propose))
+        jitted = _Lowerable(medusa_decode, dict(cfg=cfg, settings=settings, propose=propose))
     elif weight_layout == "auto":
         from jax.experimental.layout import Format, Layout
 
         def loop(p, s, stop_step):
-            return _medusa_decode(p, s, stop_step, cfg=cfg, settings=settings, propose=propose)
+            return medusa_decode(p, s, stop_step, cfg=cfg, settings=settings, propose=propose)
 
         p_fmt = jax.tree.map(lambda x: Format(Layout.AUTO, x.sharding), params)
         s_sh = jax.tree.map(lambda x: x.sharding, state)

@@ -61,8 +61,8 @@ from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for caller
 )
 from medusa_jax.training.run_config import RunConfig
 from medusa_jax.training.step import (
-    _heads_loss,
     base_hidden,
+    heads_loss,
     init_train_state,
     make_train_step,
     state_shardings,
@@ -148,14 +148,14 @@ _train_step = functools.lru_cache(maxsize=4)(make_train_step)
 @functools.lru_cache(maxsize=4)
 def _eval_fn(model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig):
     """``fn(params, batch) -> per-head sums`` (top-1 / top-5 hits, cross entropy, count),
-    through the training loss's own per-head statistics (``step._heads_loss``)."""
+    through the training loss's own per-head statistics (``step.heads_loss``)."""
     model = LlamaModel(model_cfg)
     heads = heads_module(medusa_cfg, dtype=model_cfg.dtype)
 
     @jax.jit
     def fn(params, batch):
         hidden = base_hidden(model, params["base"], batch)
-        _, m = _heads_loss(model, heads, tcfg, params["base"], params["medusa"], hidden, batch)
+        _, m = heads_loss(model, heads, tcfg, params["base"], params["medusa"], hidden, batch)
         n = m["head_count"]
         return {"top1": m["head_top1"] * n, "top5": m["head_top5"] * n,
                 "ce": m["head_loss"] * n, "count": n}
