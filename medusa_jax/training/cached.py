@@ -48,7 +48,7 @@ from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, v
 from medusa_jax.model.llama import lm_head_weight
 from medusa_jax.runconfig import dump_yaml, to_dict
 from medusa_jax.training.config import TrainConfig
-from medusa_jax.training.losses import _finish, ce_stats, shifted_targets
+from medusa_jax.training.losses import ce_stats, heads_total, shifted_targets
 from medusa_jax.training.optimizer import learning_rates, make_optimizer
 from medusa_jax.training.run_config import RunConfig
 from medusa_jax.training.step import make_hidden_fn
@@ -273,7 +273,7 @@ def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
     def loss_fn(params, lm, emb, batch):
         stats, _ = _heads_stats(mcfg, tcfg, params, lm, batch["hidden"], batch["targets"],
                                 batch.get("tokens"), emb, batch.get("teacher_hidden"))
-        return _finish(stats, tcfg.decay)
+        return heads_total(stats, tcfg.decay)
 
     @jax.jit
     def step(params, opt_state, lm, emb, batch):
@@ -340,11 +340,11 @@ def _hidden_cache_path(run_cfg: RunConfig, data_cache_file: str | None,
     cache (``data.cache: false``)."""
     if not data_cache_file:
         return None
-    from medusa_jax.training.prepare import _file_identity  # noqa: PLC0415
+    from medusa_jax.training.prepare import file_identity  # noqa: PLC0415
 
     model = to_dict(run_cfg)["model"]
     path = model.get("path")
-    ident = _file_identity(path) if path and os.path.exists(path) else None
+    ident = file_identity(path) if path and os.path.exists(path) else None
     key = json.dumps([os.path.basename(data_cache_file), model, ident, num_heads,
                       run_cfg.train.seq_len, "tokens+teacher"], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
