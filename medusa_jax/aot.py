@@ -44,7 +44,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from medusa_jax import hlo
-from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.errors import MedusaError
 from medusa_jax.sharding import (
     MESH_AXES,
@@ -845,19 +845,18 @@ def model_from_run_config(run_cfg, model: str | None = None) -> tuple[ModelConfi
     remat settings, without loading any weight. ``model`` overrides ``model.path``: a preset
     (``llama2-7b``, ``vicuna-7b``, ``llama2-13b``, ``vicuna-13b``, ``tiny``), a ``config.json``
     or a Hugging Face checkpoint directory."""
+    from medusa_jax.training.setup import medusa_config, model_config, model_settings
+
     m = run_cfg.model
-    dt = dict(dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-              remat_policy=m.remat_policy)
-    if (model is None and m.tiny) or model == "tiny":
-        cfg = tiny_config(
-            vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size,
-            intermediate_size=2 * m.tiny_hidden_size,
-            max_position_embeddings=max(256, run_cfg.train.seq_len), **dt,
-        )
-    elif model in MODEL_PRESETS:
-        cfg = ModelConfig(**MODEL_PRESETS[model], **dt)
-    else:
-        src = model if model is not None else m.path
+    if model in MODEL_PRESETS:
+        cfg = ModelConfig(**MODEL_PRESETS[model], **model_settings(run_cfg))
+        return cfg, medusa_config(run_cfg, cfg)
+    if model == "tiny":
+        run_cfg = run_cfg.replace(model=dataclasses.replace(m, tiny=True, path=None))
+    elif model is not None:
+        run_cfg = run_cfg.replace(model=dataclasses.replace(m, tiny=False, path=model))
+    src = run_cfg.model.path
+    if not run_cfg.model.tiny:
         path = src if src is None else (
             os.path.join(src, "config.json") if os.path.isdir(src) else src)
         if path is None or not path.endswith(".json") or not os.path.isfile(path):
@@ -866,11 +865,8 @@ def model_from_run_config(run_cfg, model: str | None = None) -> tuple[ModelConfi
                 f"preset ({', '.join([*MODEL_PRESETS, 'tiny'])}), a config.json or a Hugging "
                 "Face checkpoint directory"
             )
-        cfg = ModelConfig.from_hf_config(path, **dt)
-    h = run_cfg.medusa
-    mcfg = MedusaConfig.for_model(cfg, num_heads=h.num_heads, num_layers=h.num_layers,
-                                  shared_lm_head=h.shared_lm_head, param_dtype=h.param_dtype)
-    return cfg, mcfg
+    cfg = model_config(run_cfg)
+    return cfg, medusa_config(run_cfg, cfg)
 
 
 def _parse_args(argv):
