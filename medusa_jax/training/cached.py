@@ -8,10 +8,10 @@ small machine this is many times faster than :class:`~medusa_jax.training.loop.T
 every step runs the base forward over whole padded rows, prompts included.
 
 With ``medusa.draft_vocab_size`` the heads also get a draft vocabulary (the most frequent target
-tokens of the training data, :func:`~medusa_jax.training.setup.choose_draft_ids`): training and proposal project onto those
-rows of the LM head only. Same loss as the trainer (``Σ_k decay^k CE_k``, one optimizer, the same
-schedule); targets outside the draft vocabulary are not trained on, and the evaluation counts
-them as misses.
+tokens of the training data, :func:`~medusa_jax.training.setup.choose_draft_ids`): training and
+proposal project onto those rows of the LM head only. Same loss as the trainer (``Σ_k decay^k
+CE_k``, one optimizer, the same schedule); targets outside the draft vocabulary are not trained
+on, and the evaluation counts them as misses.
 
     summary = train_cached(load_run_config("configs/smollm2_medusa1.yaml"))
 
