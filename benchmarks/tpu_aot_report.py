@@ -266,7 +266,7 @@ def markdown(train, decode, meta, elapsed) -> str:
         parts += [
             "## Medusa decoding of the 7B model",
             "",
-            "The whole decoding loop (`_medusa_decode`: verification steps in a `while_loop`, "
+            "The whole decoding loop (`medusa_decode`: verification steps in a `while_loop`, "
             "heads proposing, the 64-node `mc_sim_7b_63` tree verified per step), bf16 weights, "
             "bf16 KV cache of the given length, one row, 256 new tokens. Tensor parallel: heads, "
             "KV heads, MLP columns and vocabulary over 4 chips. *HBM-bound floor*: every weight "

@@ -1,7 +1,7 @@
 """What one decode step costs as the compiler sees it: FLOPs, bytes accessed, copies of
 cache-sized arrays, the HBM traffic and the roofline time, for a vanilla step and a Medusa verification step.
 
-The programs compiled are the real decode loops (``_vanilla_decode``, ``_medusa_decode``: a
+The programs compiled are the real decode loops (``vanilla_decode``, ``medusa_decode``: a
 ``while_loop`` of steps, the cache donated), with unrolled layers (with ``scan_layers`` the
 compiler's cost analysis counts the layer loop's body once) and, for TPUs, compiler-chosen
 weight layouts. The cost analysis counts every loop body once: the decode loop's body is one
@@ -15,7 +15,6 @@ blocks they read (``prefix_extra``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import time
@@ -200,12 +199,12 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
     read its cost. ``live``: committed tokens per row (default half the cache)."""
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import (
-        _medusa_decode,
-        _medusa_prefill,
+        abstract_medusa_state,
         heads_proposer,
         make_settings,
+        medusa_decode,
     )
-    from medusa_jax.decoding.vanilla import _vanilla_decode, _vanilla_prefill
+    from medusa_jax.decoding.vanilla import abstract_vanilla_state, vanilla_decode
     from medusa_jax.model.heads import init_medusa_params
     from medusa_jax.model.llama import LlamaModel
 
@@ -225,31 +224,26 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
         raise StepCostError(f"{live} live tokens + a {T}-node tree do not fit a cache of "
                             f"{cache_len} slots: use a longer cache or a smaller tree")
     mesh, rep = _target(target)
-    prompt = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
-    lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     base = jax.eval_shape(lambda: LlamaModel(cfg).init(jax.random.PRNGKey(0),
                                                        jnp.zeros((1, 1), jnp.int32)))["params"]
     base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.param_dtype)),
                         _unbox(base))
     stop = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
     if kind == "vanilla":
-        state = jax.eval_shape(functools.partial(_vanilla_prefill, cfg=cfg, settings=gen,
-                                                 cache_len=cache_len), base, prompt, lens, key)
+        state = abstract_vanilla_state(base, batch, cache_len, cfg=cfg, settings=gen)
         args = (_abstract(base, rep), _abstract(state, rep), stop)
 
         def fn(p, s, st):
-            return _vanilla_decode(p, s, st, cfg=cfg, settings=gen)
+            return vanilla_decode(p, s, st, cfg=cfg, settings=gen)
     else:
         heads = jax.eval_shape(lambda: init_medusa_params(mcfg))
         params = {"base": base, "medusa": heads}
-        state = jax.eval_shape(functools.partial(_medusa_prefill, cfg=cfg, settings=settings,
-                                                 cache_len=cache_len), params, prompt, lens, key)
+        state = abstract_medusa_state(params, batch, cache_len, cfg=cfg, settings=settings)
         args = (_abstract(params, rep), _abstract(state, rep), stop)
         propose = heads_proposer(mcfg, cfg, settings.tree.topk, settings.tree.depth)
 
         def fn(p, s, st):
-            return _medusa_decode(p, s, st, cfg=cfg, settings=settings, propose=propose)
+            return medusa_decode(p, s, st, cfg=cfg, settings=settings, propose=propose)
 
     with mesh:
         try:

@@ -241,8 +241,10 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_len"))
-def _medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
-                    settings: MedusaSettings, cache_len: int) -> MedusaState:
+def medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
+                   settings: MedusaSettings, cache_len: int) -> MedusaState:
+    """The decode loop's first state: the padded prompts ``tokens [B, P]`` (``prompt_lens
+    [B]``) in a fresh ``cache_len``-slot KV cache, the first root token drawn."""
     B = tokens.shape[0]
     cache = KVCache.init(cfg, B, cache_len)
     hidden, cache = prefill(cfg, params["base"], tokens, prompt_lens, cache)
@@ -261,13 +263,27 @@ def _medusa_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "propose"),
                    donate_argnames=("state",))
-def _medusa_decode(params, state: MedusaState, stop_step, *, cfg: ModelConfig,
-                   settings: MedusaSettings, propose) -> MedusaState:
+def medusa_decode(params, state: MedusaState, stop_step, *, cfg: ModelConfig,
+                  settings: MedusaSettings, propose) -> MedusaState:
+    """Verification steps until ``state.step`` reaches ``stop_step`` or every row is done:
+    the whole ``lax.while_loop``, ``state`` donated (``propose``: a proposer such as
+    :func:`heads_proposer`)."""
     def cond(s):
         return (s.step < stop_step) & ~jnp.all(s.done)
 
     body = functools.partial(_step, params, cfg=cfg, settings=settings, propose=propose)
     return jax.lax.while_loop(cond, body, state)
+
+
+def abstract_medusa_state(params, batch_size: int, cache_len: int, *, cfg: ModelConfig,
+                          settings: MedusaSettings) -> MedusaState:
+    """The loop's state as ``jax.ShapeDtypeStruct`` leaves (what :func:`medusa_prefill`
+    returns for ``batch_size`` rows and a ``cache_len``-slot cache), from abstract or real
+    ``params``: the input :func:`medusa_decode` is compiled for ahead of time. Nothing runs."""
+    fn = functools.partial(medusa_prefill, cfg=cfg, settings=settings, cache_len=cache_len)
+    return jax.eval_shape(fn, params, jax.ShapeDtypeStruct((batch_size, 16), jnp.int32),
+                          jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                          jax.eval_shape(lambda: jax.random.PRNGKey(0)))
 
 
 def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Sequence[Sequence[int]],
@@ -295,15 +311,15 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
     extra = tree.num_nodes + tree.depth
     cache_len = check_lengths(cfg, int(lens.max()), max_new, extra=extra, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1], int(lens.max()) + max_new + extra)
-    state = timer.compiled(_medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
-                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                           cache_len=cache_len)
+    state = timer.compiled(medusa_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                          cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
     propose = propose or default_proposer(mcfg, cfg, settings)
 
     def step(state, stop):
-        return timer.compiled(_medusa_decode, params, state, stop, cfg=cfg, settings=settings,
+        return timer.compiled(medusa_decode, params, state, stop, cfg=cfg, settings=settings,
                               propose=propose)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))

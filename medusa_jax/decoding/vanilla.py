@@ -52,8 +52,10 @@ def _append(state_out, n_out, done, tok, eos_ids, max_new):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings", "cache_len"))
-def _vanilla_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
-                     settings: GenerationSettings, cache_len: int) -> VanillaState:
+def vanilla_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
+                    settings: GenerationSettings, cache_len: int) -> VanillaState:
+    """The decode loop's first state: the padded prompts ``tokens [B, P]`` (``prompt_lens
+    [B]``) in a fresh ``cache_len``-slot KV cache, the first token drawn."""
     B = tokens.shape[0]
     cache = KVCache.init(cfg, B, cache_len)
     last_h, cache = prefill(cfg, params, tokens, prompt_lens, cache)
@@ -67,8 +69,10 @@ def _vanilla_prefill(params, tokens, prompt_lens, rng, *, cfg: ModelConfig,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "settings"), donate_argnames=("state",))
-def _vanilla_decode(params, state: VanillaState, stop_step, *, cfg: ModelConfig,
-                    settings: GenerationSettings) -> VanillaState:
+def vanilla_decode(params, state: VanillaState, stop_step, *, cfg: ModelConfig,
+                   settings: GenerationSettings) -> VanillaState:
+    """One token per row per step until ``state.step`` reaches ``stop_step`` or every row is
+    done: the whole ``lax.while_loop``, ``state`` donated."""
     def cond(s: VanillaState):
         return (s.step < stop_step) & ~jnp.all(s.done)
 
@@ -85,6 +89,17 @@ def _vanilla_decode(params, state: VanillaState, stop_step, *, cfg: ModelConfig,
     return jax.lax.while_loop(cond, body, state)
 
 
+def abstract_vanilla_state(params, batch_size: int, cache_len: int, *, cfg: ModelConfig,
+                           settings: GenerationSettings) -> VanillaState:
+    """The loop's state as ``jax.ShapeDtypeStruct`` leaves (what :func:`vanilla_prefill`
+    returns for ``batch_size`` rows and a ``cache_len``-slot cache), from abstract or real
+    base ``params``: the input :func:`vanilla_decode` is compiled for ahead of time."""
+    fn = functools.partial(vanilla_prefill, cfg=cfg, settings=settings, cache_len=cache_len)
+    return jax.eval_shape(fn, params, jax.ShapeDtypeStruct((batch_size, 16), jnp.int32),
+                          jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                          jax.eval_shape(lambda: jax.random.PRNGKey(0)))
+
+
 def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
              settings: GenerationSettings, seed: int = 0, cache_len: int | None = None,
              stream_every: int | None = None, on_chunk: Callable | None = None) -> dict:
@@ -97,14 +112,14 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]],
     tokens, lens = pad_prompts(prompts, settings.pad_token_id)
     cache_len = check_lengths(cfg, int(lens.max()), settings.max_new_tokens, cache_len=cache_len)
     cache_len = max(cache_len, tokens.shape[1] + settings.max_new_tokens)
-    state = timer.compiled(_vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
-                           jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
-                           cache_len=cache_len)
+    state = timer.compiled(vanilla_prefill, params, jnp.asarray(tokens), jnp.asarray(lens),
+                          jax.random.PRNGKey(seed), cfg=cfg, settings=settings,
+                          cache_len=cache_len)
     jax.block_until_ready(state)
     prefill_s = timer.mark()
 
     def step(state, stop):
-        return timer.compiled(_vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
+        return timer.compiled(vanilla_decode, params, state, stop, cfg=cfg, settings=settings)
 
     cb = None if on_chunk is None else (lambda s: on_chunk(np.asarray(s.out), np.asarray(s.n_out)))
     state, interrupted = drive(step, state, settings.max_new_tokens, stream_every, cb)

@@ -37,12 +37,10 @@ class MedusaHeads(nn.Module):
         states ``[..., M, D]``, ready for a vocab projection (``project``)."""
         c, dt = self.cfg, jnp.dtype(self.dtype)
         M, N, D = c.num_heads, c.num_layers, c.hidden_size
-        pdt = jnp.dtype(c.param_dtype)
         w = self.param("res_kernel", nn.with_logical_partitioning(
-            nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed", "embed_out")),
-            (M, N, D, D), pdt)
+            _fresh(c, "res_kernel"), ("medusa_heads", "medusa_layers", "embed", "embed_out")))
         b = self.param("res_bias", nn.with_logical_partitioning(
-            nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed_out")), (M, N, D), pdt)
+            _fresh(c, "res_bias"), ("medusa_heads", "medusa_layers", "embed_out")))
         x = jnp.broadcast_to(hidden[..., None, :], (*hidden.shape[:-1], M, D)).astype(dt)
         for j in range(N):
             x = x + jax.nn.silu(jnp.einsum("...md,mde->...me", x, w[:, j].astype(dt)) + b[:, j].astype(dt))
@@ -77,8 +75,8 @@ def hydra_hidden(mcfg: MedusaConfig, params, hidden, embeds, head: int | None = 
 
 
 class HydraHeads(nn.Module):
-    """Parameter declarations (shapes, logical axes, initialisers) of Hydra heads; ``__call__``
-    is the teacher-forced forward of :func:`hydra_hidden`."""
+    """Parameter declarations (logical axes; values from :func:`fresh_medusa_params`) of Hydra
+    heads; ``__call__`` is the teacher-forced forward of :func:`hydra_hidden`."""
 
     cfg: MedusaConfig
     dtype: str = "float32"
@@ -87,26 +85,15 @@ class HydraHeads(nn.Module):
     def __call__(self, hidden, embeds):
         """``hidden: [..., D]``, ``embeds: [..., M, E]`` -> ``[..., M, D]``."""
         c = self.cfg
-        M, N, D, E = c.num_heads, c.num_layers, c.hidden_size, c.embed_size
-        pdt = jnp.dtype(c.param_dtype)
-
-        def eye(key, shape, dtype):
-            return jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
-
-        p = {
-            "in_hidden": self.param("in_hidden", nn.with_logical_partitioning(
-                eye, ("medusa_heads", "embed", "embed_out")), (M, D, D), pdt),
-            "in_embed": self.param("in_embed", nn.with_logical_partitioning(
-                nn.initializers.zeros, ("medusa_heads", "medusa_path", "embed", "embed_out")),
-                (M, M, E, D), pdt),
-            "in_bias": self.param("in_bias", nn.with_logical_partitioning(
-                nn.initializers.zeros, ("medusa_heads", "embed_out")), (M, D), pdt),
-            "res_kernel": self.param("res_kernel", nn.with_logical_partitioning(
-                nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed", "embed_out")),
-                (M, N, D, D), pdt),
-            "res_bias": self.param("res_bias", nn.with_logical_partitioning(
-                nn.initializers.zeros, ("medusa_heads", "medusa_layers", "embed_out")), (M, N, D), pdt),
+        axes = {
+            "in_hidden": ("medusa_heads", "embed", "embed_out"),
+            "in_embed": ("medusa_heads", "medusa_path", "embed", "embed_out"),
+            "in_bias": ("medusa_heads", "embed_out"),
+            "res_kernel": ("medusa_heads", "medusa_layers", "embed", "embed_out"),
+            "res_bias": ("medusa_heads", "medusa_layers", "embed_out"),
         }
+        p = {k: self.param(k, nn.with_logical_partitioning(_fresh(c, k), a))
+             for k, a in axes.items()}
         return hydra_hidden(c, p, hidden, embeds, dtype=self.dtype)
 
 
@@ -168,28 +155,51 @@ def vocab_to_draft(mcfg: MedusaConfig, tokens):
     return jnp.take(jnp.asarray(table), tokens)
 
 
+def fresh_medusa_params(mcfg: MedusaConfig, base_lm_head=None, xp=np) -> dict:
+    """The one definition of a fresh head set: zero ResBlocks (a fresh head is the base LM
+    head), for Hydra heads the input projection ``h_t`` alone (``in_hidden`` the identity,
+    ``in_embed`` and ``in_bias`` zero) and, without a shared LM head, copies of ``base_lm_head:
+    [D, V]`` (the original recipe; left out when it is None). In ``mcfg.param_dtype``.
+
+    ``xp=np`` (host arrays; the LM head copies are read-only broadcast views, no memory) for a
+    trainer to shard; ``xp=jnp`` inside traced code (the modules' initialisers,
+    :func:`init_medusa_params`)."""
+    M, N, D = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size
+    dt = np.dtype(jnp.dtype(mcfg.param_dtype))
+    p = {"res_kernel": xp.zeros((M, N, D, D), dt), "res_bias": xp.zeros((M, N, D), dt)}
+    if mcfg.is_hydra:
+        p["in_hidden"] = xp.broadcast_to(xp.eye(D, dtype=dt), (M, D, D)).copy()
+        p["in_embed"] = xp.zeros((M, M, mcfg.embed_size, D), dt)
+        p["in_bias"] = xp.zeros((M, D), dt)
+    if not mcfg.shared_lm_head and base_lm_head is not None:
+        lm = xp.asarray(base_lm_head, dt)
+        p["lm_head"] = xp.broadcast_to(lm[None], (M, *lm.shape))
+    return p
+
+
+def _fresh(mcfg: MedusaConfig, name: str):
+    """A flax initialiser giving parameter ``name`` its :func:`fresh_medusa_params` value."""
+    return lambda key: fresh_medusa_params(mcfg, xp=jnp)[name]
+
+
 def init_medusa_params(mcfg: MedusaConfig, base_lm_head=None, rng=None, scale: float = 0.0) -> dict:
-    """Fresh head parameters. ``scale > 0`` draws random (non-zero) ResBlock weights (and, for
-    Hydra heads, input projections), for tests.
-    Own LM heads start as copies of ``base_lm_head: [D, V]`` when given (the original recipe)."""
+    """Fresh head parameters (:func:`fresh_medusa_params`) as jax arrays. ``scale > 0`` adds
+    random ResBlock weights (and, for Hydra heads, input projections), for tests. Own LM heads
+    start as copies of ``base_lm_head: [D, V]`` when given, else random."""
     rng = jax.random.PRNGKey(0) if rng is None else rng
     M, N, D = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size
     pdt = jnp.dtype(mcfg.param_dtype)
     k1, k2, k3, k4, k5 = jax.random.split(rng, 5)
-    p = {
-        "res_kernel": (scale * jax.random.normal(k1, (M, N, D, D))).astype(pdt),
-        "res_bias": (scale * jax.random.normal(k2, (M, N, D))).astype(pdt),
-    }
-    if mcfg.is_hydra:
-        E = mcfg.embed_size
-        tril = np.tril(np.ones((M, M), np.float32))[:, :, None, None]  # unused slots stay zero
-        p["in_hidden"] = (jnp.broadcast_to(jnp.eye(D), (M, D, D))
-                          + scale * jax.random.normal(k4, (M, D, D))).astype(pdt)
-        p["in_embed"] = (scale * tril * jax.random.normal(k5, (M, M, E, D))).astype(pdt)
-        p["in_bias"] = jnp.zeros((M, D), pdt)
-    if not mcfg.shared_lm_head:
-        if base_lm_head is not None:
-            p["lm_head"] = jnp.broadcast_to(jnp.asarray(base_lm_head, pdt)[None], (M, D, mcfg.vocab_size))
-        else:
-            p["lm_head"] = (0.02 * jax.random.normal(k3, (M, D, mcfg.vocab_size))).astype(pdt)
+    p = fresh_medusa_params(mcfg, base_lm_head, xp=jnp)
+    if not mcfg.shared_lm_head and base_lm_head is None:
+        p["lm_head"] = (0.02 * jax.random.normal(k3, (M, D, mcfg.vocab_size))).astype(pdt)
+    if scale:
+        noise = {"res_kernel": jax.random.normal(k1, (M, N, D, D)),
+                 "res_bias": jax.random.normal(k2, (M, N, D))}
+        if mcfg.is_hydra:
+            tril = np.tril(np.ones((M, M), np.float32))[:, :, None, None]  # unused slots stay 0
+            noise["in_hidden"] = jax.random.normal(k4, (M, D, D))
+            noise["in_embed"] = tril * jax.random.normal(k5, (M, M, mcfg.embed_size, D))
+        for k, n in noise.items():
+            p[k] = (p[k] + scale * n).astype(pdt)
     return p

@@ -8,10 +8,10 @@ small machine this is many times faster than :class:`~medusa_jax.training.loop.T
 every step runs the base forward over whole padded rows, prompts included.
 
 With ``medusa.draft_vocab_size`` the heads also get a draft vocabulary (the most frequent target
-tokens of the training data, :func:`choose_draft_ids`): training and proposal project onto those
-rows of the LM head only. Same loss as the trainer (``Σ_k decay^k CE_k``, one optimizer, the same
-schedule); targets outside the draft vocabulary are not trained on, and the evaluation counts
-them as misses.
+tokens of the training data, :func:`~medusa_jax.training.setup.choose_draft_ids`): training and
+proposal project onto those rows of the LM head only. Same loss as the trainer (``Σ_k decay^k
+CE_k``, one optimizer, the same schedule); targets outside the draft vocabulary are not trained
+on, and the evaluation counts them as misses.
 
     summary = train_cached(load_run_config("configs/smollm2_medusa1.yaml"))
 
@@ -46,9 +46,17 @@ from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.errors import DataError
 from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, vocab_to_draft
 from medusa_jax.model.llama import lm_head_weight
-from medusa_jax.training.losses import _finish, ce_stats, shifted_targets
+from medusa_jax.training.losses import ce_stats, heads_total, shifted_targets
 from medusa_jax.training.optimizer import learning_rates, make_optimizer
 from medusa_jax.training.run_config import RunConfig, TrainConfig, dump_yaml, to_dict
+from medusa_jax.training.setup import (
+    MetricsLog,
+    build_base,
+    choose_draft_ids,
+    export_run,
+    fresh_heads,
+    medusa_config,
+)
 from medusa_jax.training.step import make_hidden_fn
 
 log = logging.getLogger("medusa_jax.train")
@@ -154,24 +162,6 @@ def collect_hidden(model_cfg: ModelConfig, base_params, arrays: dict, num_heads:
                      np.concatenate(teach))
 
 
-def choose_draft_ids(tokens: np.ndarray, size: int, vocab_size: int,
-                     always: tuple[int, ...] = ()) -> tuple[int, ...]:
-    """The ``size`` most frequent ids of ``tokens`` (ties to the lower id), plus ``always``
-    (e.g. the end-of-turn token), sorted. Ids never seen fill up the set only if the data has
-    fewer than ``size`` distinct tokens (then the set is just the seen ones plus ``always``)."""
-    if size < 1:
-        raise ConfigError(f"draft vocabulary size must be >= 1, got {size}")
-    tokens = np.asarray(tokens).reshape(-1)
-    tokens = tokens[(tokens >= 0) & (tokens < vocab_size)]
-    counts = np.bincount(tokens, minlength=vocab_size)
-    for a in always:
-        counts[a] = np.iinfo(counts.dtype).max  # first in line
-    order = np.lexsort((np.arange(vocab_size), -counts))  # count desc, id asc
-    chosen = order[: min(size, vocab_size)]
-    chosen = chosen[counts[chosen] > 0]
-    return tuple(int(i) for i in np.sort(chosen))
-
-
 def draft_coverage(targets: np.ndarray, draft_ids: tuple[int, ...] | None) -> float:
     """Fraction of head-0 targets that lie in the draft vocabulary."""
     t = targets[:, 0]
@@ -271,7 +261,7 @@ def make_cached_step(mcfg: MedusaConfig, tcfg: TrainConfig):
     def loss_fn(params, lm, emb, batch):
         stats, _ = _heads_stats(mcfg, tcfg, params, lm, batch["hidden"], batch["targets"],
                                 batch.get("tokens"), emb, batch.get("teacher_hidden"))
-        return _finish(stats, tcfg.decay)
+        return heads_total(stats, tcfg.decay)
 
     @jax.jit
     def step(params, opt_state, lm, emb, batch):
@@ -338,11 +328,11 @@ def _hidden_cache_path(run_cfg: RunConfig, data_cache_file: str | None,
     cache (``data.cache: false``)."""
     if not data_cache_file:
         return None
-    from medusa_jax.training.prepare import _file_identity  # noqa: PLC0415
+    from medusa_jax.training.prepare import file_identity  # noqa: PLC0415
 
     model = to_dict(run_cfg)["model"]
     path = model.get("path")
-    ident = _file_identity(path) if path and os.path.exists(path) else None
+    ident = file_identity(path) if path and os.path.exists(path) else None
     key = json.dumps([os.path.basename(data_cache_file), model, ident, num_heads,
                       run_cfg.train.seq_len, "tokens+teacher"], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
@@ -387,9 +377,7 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
 def train_cached(run_cfg: RunConfig) -> dict:
     """Medusa-1 heads from cached hidden states (see the module docstring); returns a summary
     like :meth:`~medusa_jax.training.loop.Trainer.run`'s."""
-    from medusa_jax.training.loop import _heads_host, build_base  # noqa: PLC0415 (cycle)
     from medusa_jax.training.prepare import prepare_data  # noqa: PLC0415
-    from medusa_jax.weights.medusa_io import export_v1, save_heads  # noqa: PLC0415
 
     tcfg, m = run_cfg.train, run_cfg.medusa
     if tcfg.mode != "medusa1":
@@ -424,12 +412,10 @@ def train_cached(run_cfg: RunConfig) -> dict:
     if m.draft_vocab_size:
         draft = choose_draft_ids(train_set.targets, m.draft_vocab_size, model_cfg.vocab_size,
                                  tuple(model_cfg.eos_token_ids))
-    mcfg = MedusaConfig.for_model(model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
-                                  shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype,
-                                  draft_ids=draft, head_type=m.head_type)
+    mcfg = medusa_config(run_cfg, model_cfg, draft)
     lm = jnp.asarray(lm_head_weight(base, model_cfg))
     emb = jnp.asarray(base["embed"]["embedding"]) if mcfg.is_hydra else None
-    params = jax.tree.map(jnp.asarray, _heads_host(mcfg, base, model_cfg))
+    params = jax.tree.map(jnp.asarray, fresh_heads(mcfg, model_cfg, base))
     step_fn, tx = make_cached_step(mcfg, tcfg)
     opt_state = tx.init({"medusa": params})
 
@@ -439,7 +425,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
         raise DataError(f"only {n} training positions for train.token_batch={bt}: add data or "
                         "lower train.token_batch")
     per_epoch = n // bt
-    order, metrics_f, window = None, open(paths.metrics, "w"), []
+    order, metrics, window = None, MetricsLog(paths.metrics, True, None, append=False), []
     t = time.perf_counter()
     bar = tqdm(range(tcfg.steps), desc="medusa1 (cached)", unit="step")
     for s in bar:
@@ -455,12 +441,11 @@ def train_cached(run_cfg: RunConfig) -> dict:
                    "loss": float(np.mean([x["loss"] for x in w])),
                    "head_top1": np.mean([x["head_top1"] for x in w], 0).round(4).tolist(),
                    "lr_heads": float(w[-1]["lr_heads"])}
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
+            metrics.write(rec)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=rec["head_top1"][0])
             window = []
     train_s = time.perf_counter() - t
-    metrics_f.close()
+    metrics.close()
 
     ev = evaluate_cached(mcfg, tcfg, params, lm, eval_set, emb=emb) if eval_set is not None else None
     summary = {
@@ -476,27 +461,15 @@ def train_cached(run_cfg: RunConfig) -> dict:
         "hidden_cache": None if cache_path is None else {"path": cache_path, "status": hidden_cache},
         "wall_time_s": time.perf_counter() - t_origin, "eval": ev,
     }
-    host = jax.tree.map(np.asarray, params)
     metadata = {
         "mode": "medusa1 (cached hidden states)", "steps": tcfg.steps,
         "head_type": mcfg.head_type, "head_target": tcfg.head_target,
-        "base_model": run_cfg.model.path or "default",
         "data": {k: data.report[k] for k in ("source", "summary", "train_rows")},
         "train_positions": summary["train_positions"], "epochs": summary["epochs"],
         "wall_time_s": round(summary["wall_time_s"], 1), "eval": ev,
     }
-    exports = {"heads": save_heads(paths.heads, mcfg, host, metadata)}
-    if run_cfg.model.tiny:  # a tiny random base exists nowhere else: export it for decoding
-        from medusa_jax.training.prepare import load_run_tokenizer  # noqa: PLC0415
-        from medusa_jax.weights import save_hf_checkpoint  # noqa: PLC0415
-
-        save_hf_checkpoint(model_cfg, base, paths.base, tokenizer=load_run_tokenizer(run_cfg))
-        exports["base"] = paths.base
-    if run_cfg.export.v1 and mcfg.is_hydra:
-        log.info("no Medusa v1 export: that layout cannot hold Hydra heads")
-    elif run_cfg.export.v1:
-        exports["heads_v1"] = export_v1(paths.heads_v1, mcfg, host, base_lm_head=np.asarray(lm),
-                                        base_model_name_or_path=run_cfg.model.path or "")
+    exports = export_run(run_cfg, paths, mcfg, model_cfg, jax.tree.map(np.asarray, params), base,
+                         metadata)
     summary["exports"] = exports
     with open(os.path.join(paths.root, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)

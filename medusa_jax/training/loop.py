@@ -25,15 +25,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig, tiny_config
+from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.distributed import global_batch_from_local
 from medusa_jax.errors import DataError
 from medusa_jax.model.heads import heads_module
-from medusa_jax.model.llama import LlamaModel, lm_head_weight
+from medusa_jax.model.llama import LlamaModel
 from medusa_jax.sharding import (
     ShardingError,
     check_batch_size,
@@ -41,7 +40,6 @@ from medusa_jax.sharding import (
     mesh_context,
     shard_params,
 )
-from medusa_jax.training.cached import choose_draft_ids
 from medusa_jax.training.checkpoint import (
     CheckpointError,
     TrainCheckpointer,
@@ -58,9 +56,17 @@ from medusa_jax.training.prepare import (  # noqa: F401  (re-exported for caller
     prepare_data,
 )
 from medusa_jax.training.run_config import RunConfig, TrainConfig, dump_yaml, to_dict
+from medusa_jax.training.setup import (
+    MetricsLog,
+    build_base,
+    choose_draft_ids,
+    export_run,
+    fresh_heads,
+    medusa_config,
+)
 from medusa_jax.training.step import (
-    _heads_loss,
     base_hidden,
+    heads_loss,
     init_train_state,
     make_train_step,
     state_shardings,
@@ -80,64 +86,6 @@ _SUM = ("num_tokens", "update_skipped", "head_count", "lm_count", "kd_count")
 _MAX_NONFINITE = 100
 
 
-def _tiny_params(cfg: ModelConfig, seed: int) -> dict:
-    """Random host parameters for a tiny model: N(0, 0.02) weights, unit norm scales, zero
-    biases. Filled with numpy from the abstract shapes, so nothing is compiled."""
-    rng = np.random.default_rng(seed)
-    model = LlamaModel(cfg)
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                          jax.numpy.zeros((1, 1), jax.numpy.int32))["params"])
-
-    def one(path, x):
-        name = str(path[-1].key)
-        if name == "scale":
-            return np.ones(x.shape, x.dtype)
-        if name == "bias":
-            return np.zeros(x.shape, x.dtype)
-        return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
-
-    return jax.tree_util.tree_map_with_path(one, shapes)
-
-
-def build_base(run_cfg: RunConfig) -> tuple[ModelConfig, dict]:
-    """The base model's config and host (numpy) parameters: loaded from ``model.path`` (None:
-    the default model) or, with ``model.tiny``, random from ``train.seed``."""
-    m = run_cfg.model
-    if m.tiny:
-        cfg = tiny_config(
-            vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size,
-            intermediate_size=2 * m.tiny_hidden_size,
-            max_position_embeddings=max(256, run_cfg.train.seq_len), param_dtype=m.param_dtype,
-            dtype=m.dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy,
-        )
-        params = _tiny_params(cfg, run_cfg.train.seed)
-    else:
-        from medusa_jax.weights import load_base_model
-
-        cfg, params = load_base_model(m.path, dtype=m.param_dtype, scan_layers=m.scan_layers)
-        cfg = cfg.replace(dtype=m.dtype, remat_policy=m.remat_policy)
-    if run_cfg.train.seq_len > cfg.max_position_embeddings:
-        raise ConfigError(f"train.seq_len={run_cfg.train.seq_len} exceeds the model's "
-                          f"max_position_embeddings={cfg.max_position_embeddings}")
-    return cfg, params
-
-
-def _heads_host(mcfg: MedusaConfig, base: dict, model_cfg: ModelConfig) -> dict:
-    """Fresh head parameters on the host: zero ResBlocks (a fresh head is the base LM head)
-    and, without a shared LM head, copies of the base LM head (the original recipe)."""
-    M, N, D = mcfg.num_heads, mcfg.num_layers, mcfg.hidden_size
-    dt = np.dtype(jax.numpy.dtype(mcfg.param_dtype))
-    out = {"res_kernel": np.zeros((M, N, D, D), dt), "res_bias": np.zeros((M, N, D), dt)}
-    if not mcfg.shared_lm_head:
-        lm = np.asarray(lm_head_weight(base, model_cfg), dt)
-        out["lm_head"] = np.broadcast_to(lm[None], (M, *lm.shape))
-    if mcfg.is_hydra:  # the input projection starts as h_t alone (a fresh Medusa head)
-        out["in_hidden"] = np.broadcast_to(np.eye(D, dtype=dt), (M, D, D)).copy()
-        out["in_embed"] = np.zeros((M, M, mcfg.embed_size, D), dt)
-        out["in_bias"] = np.zeros((M, D), dt)
-    return out
-
-
 # Jitted functions outlive one Trainer, so a notebook or a test that trains several times with
 # the same settings compiles once.
 _train_step = functools.lru_cache(maxsize=4)(make_train_step)
@@ -146,14 +94,14 @@ _train_step = functools.lru_cache(maxsize=4)(make_train_step)
 @functools.lru_cache(maxsize=4)
 def _eval_fn(model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig):
     """``fn(params, batch) -> per-head sums`` (top-1 / top-5 hits, cross entropy, count),
-    through the training loss's own per-head statistics (``step._heads_loss``)."""
+    through the training loss's own per-head statistics (``step.heads_loss``)."""
     model = LlamaModel(model_cfg)
     heads = heads_module(medusa_cfg, dtype=model_cfg.dtype)
 
     @jax.jit
     def fn(params, batch):
         hidden = base_hidden(model, params["base"], batch)
-        _, m = _heads_loss(model, heads, tcfg, params["base"], params["medusa"], hidden, batch)
+        _, m = heads_loss(model, heads, tcfg, params["base"], params["medusa"], hidden, batch)
         n = m["head_count"]
         return {"top1": m["head_top1"] * n, "top5": m["head_top5"] * n,
                 "ce": m["head_loss"] * n, "count": n}
@@ -210,50 +158,6 @@ def _stop_on_signals(stop: _StopRequest):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-class _MetricsLog:
-    """JSONL lines (and optional TensorBoard scalars) written by process 0 only."""
-
-    def __init__(self, path: str, enabled: bool, tb_dir: str | None):
-        self.f = None
-        self.tb = None
-        if not enabled:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        if tb_dir:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    SummaryWriter = None
-            if SummaryWriter is None:
-                log.warning("log.tensorboard=true needs tensorboardX or tensorboard: skipped")
-            else:
-                self.tb = SummaryWriter(tb_dir)
-
-    def write(self, record: dict) -> None:
-        if self.f is None:
-            return
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            prefix = "eval/" if record.get("kind") == "eval" else "train/"
-            for k, v in record.items():
-                vals = v if isinstance(v, list) else [v]
-                for i, x in enumerate(vals):
-                    if isinstance(x, int | float) and not isinstance(x, bool) and k != "step":
-                        name = f"{prefix}{k}" + (f"/{i}" if isinstance(v, list) else "")
-                        self.tb.add_scalar(name, x, record["step"])
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _trim_metrics(path: str, step: int) -> None:
@@ -335,10 +239,7 @@ class Trainer:
             tr = self.data.train
             draft = choose_draft_ids(tr["input_ids"][tr["loss_mask"] > 0], m.draft_vocab_size,
                                      self.model_cfg.vocab_size, tuple(self.model_cfg.eos_token_ids))
-        self.medusa_cfg = MedusaConfig.for_model(
-            self.model_cfg, num_heads=m.num_heads, num_layers=m.num_layers,
-            shared_lm_head=m.shared_lm_head, param_dtype=m.param_dtype, draft_ids=draft,
-            head_type=m.head_type)
+        self.medusa_cfg = medusa_config(run_cfg, self.model_cfg, draft)
         self.shardings = state_shardings(self.model_cfg, self.medusa_cfg, self.tcfg, self.mesh)
         self.state = None
         self._warned_diff: list[str] | None = None
@@ -349,7 +250,7 @@ class Trainer:
 
     def _fresh_state(self):
         base = self._place_base()
-        medusa = shard_params(_heads_host(self.medusa_cfg, self.base_host, self.model_cfg),
+        medusa = shard_params(fresh_heads(self.medusa_cfg, self.model_cfg, self.base_host),
                               self.shardings.params["medusa"])
         return init_train_state(self.model_cfg, self.medusa_cfg, self.tcfg,
                                 {"base": base, "medusa": medusa}, self.mesh)
@@ -407,8 +308,8 @@ class Trainer:
             if main:  # only now: a refused resume must not overwrite the run's config
                 dump_yaml(cfg, paths.config)
                 _trim_metrics(paths.metrics, first)
-            metrics = _MetricsLog(paths.metrics, main,
-                                  paths.tensorboard if cfg.log.tensorboard else None)
+            metrics = MetricsLog(paths.metrics, main,
+                                 paths.tensorboard if cfg.log.tensorboard else None)
             try:
                 with _stop_on_signals(stop):
                     step, last, compile_s = self._loop(ckpt, it, metrics, stop, should_stop,
@@ -515,36 +416,17 @@ class Trainer:
     def export(self, summary: dict) -> dict:
         """Write the heads (our format + v1 layout) and, in Medusa-2 (or on a tiny random
         model), the base as a complete Hugging Face checkpoint with its tokenizer: the run
-        directory then decodes with ``decode.py --model RUN``."""
-        from medusa_jax.weights import save_hf_checkpoint
-        from medusa_jax.weights.medusa_io import export_v1, save_heads
-
-        cfg, paths, mcfg = self.cfg, self.paths, self.medusa_cfg
-        medusa = _to_host(self.state.params["medusa"])
+        directory then decodes with ``decode.py --model RUN`` (:func:`setup.export_run`)."""
+        medusa = _to_host(self.state.params["medusa"])  # every process gathers
         medusa2 = self.tcfg.mode == "medusa2"
         base = _to_host(self.state.params["base"]) if medusa2 else self.base_host
-        if jax.process_index() != 0:
-            return {}
-        out = {}
-        base_name = "" if cfg.model.tiny else (cfg.model.path or "default")
         metadata = {
-            "mode": self.tcfg.mode, "steps": summary["step"], "base_model": base_name,
+            "mode": self.tcfg.mode, "steps": summary["step"],
             "data": {k: self.data.report[k] for k in ("source", "summary", "train_rows")},
             "wall_time_s": round(summary["wall_time_s"], 1), "eval": summary["eval"],
         }
-        out["heads"] = save_heads(paths.heads, mcfg, medusa, metadata)
-        if medusa2 or cfg.model.tiny:  # a tiny random base exists nowhere else: export it too
-            save_hf_checkpoint(self.model_cfg, base, paths.base,
-                               tokenizer=load_run_tokenizer(cfg))
-            out["base"] = paths.base
-            base_name = paths.base
-        if cfg.export.v1 and mcfg.is_hydra:
-            log.info("no Medusa v1 export: that layout cannot hold Hydra heads")
-        elif cfg.export.v1:
-            lm = lm_head_weight(base, self.model_cfg) if mcfg.shared_lm_head else None
-            out["heads_v1"] = export_v1(paths.heads_v1, mcfg, medusa, base_lm_head=lm,
-                                        base_model_name_or_path=base_name)
-        return out
+        return export_run(self.cfg, self.paths, self.medusa_cfg, self.model_cfg, medusa, base,
+                          metadata, with_base=medusa2)
 
 
 def train(run_cfg: RunConfig, should_stop: Callable[[int], bool] | None = None) -> dict:

@@ -60,8 +60,9 @@ def ce_stats(logits, targets, valid):
     )
 
 
-def _finish(stats, decay: float):
-    """Per-head sums ``[M]`` -> (decay-weighted total, metrics)."""
+def heads_total(stats, decay: float):
+    """Per-head sums (one :func:`ce_stats` tuple per head) -> ``(Σ_k decay^k CE_k, metrics)``
+    with ``head_loss``, ``head_top1``, ``head_top5``, ``head_count``, each ``[M]``."""
     ce_sum, top1, top5, count = (jnp.stack(s) for s in zip(*stats, strict=True))
     denom = jnp.maximum(count, 1.0)
     per_head = ce_sum / denom  # [M]
@@ -88,7 +89,7 @@ def medusa_loss(head_logits, tokens, loss_mask, decay: float = 0.8, segment_ids=
     for k in range(M):
         targets, valid = shifted_targets(tokens, loss_mask, k + 2, segment_ids)
         stats.append(ce_stats(head_logits[:, :, k], targets, valid))
-    return _finish(stats, decay)
+    return heads_total(stats, decay)
 
 
 def medusa_loss_from_hidden(
@@ -117,7 +118,7 @@ def medusa_loss_from_hidden(
         if remat:
             head_stats = jax.checkpoint(head_stats)
         stats.append(head_stats(head_hidden[:, :, k], targets, valid))
-    return _finish(stats, decay)
+    return heads_total(stats, decay)
 
 
 def lm_loss(logits, tokens, loss_mask, segment_ids=None):

@@ -97,10 +97,11 @@ def load_run_tokenizer(run_cfg: RunConfig) -> Any:
     return load_tokenizer(source)
 
 
-def _file_identity(path: str) -> list:
-    """Path, size and mtime of a file (or of each file directly inside a directory)."""
+def file_identity(path: str) -> list:
+    """Path, size and mtime of a file (or of each file directly inside a directory): what a
+    cache key records of an input, so that a changed file misses the cache."""
     if os.path.isdir(path):
-        return [_file_identity(os.path.join(path, n)) for n in sorted(os.listdir(path))
+        return [file_identity(os.path.join(path, n)) for n in sorted(os.listdir(path))
                 if os.path.isfile(os.path.join(path, n))]
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
@@ -145,8 +146,8 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
     else:
         from medusa_jax.tokenizer import resolve_model_path
 
-        tok_id = _file_identity(resolve_model_path(tok_source))
-    key = {"version": _CACHE_VERSION, "data": _file_identity(source), "tokenizer": tok_id,
+        tok_id = file_identity(resolve_model_path(tok_source))
+    key = {"version": _CACHE_VERSION, "data": file_identity(source), "tokenizer": tok_id,
            "max_records": d.max_records, "mode": d.mode, "seq_len": t.seq_len, "seed": t.seed,
            "drop_leading_assistant": d.drop_leading_assistant, "eval_fraction": d.eval_fraction}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -187,8 +187,10 @@ def next_tokens(tokens, n: int):
     return jnp.stack([pad[:, j + 1: j + 1 + T] for j in range(n)], axis=-1)
 
 
-def _heads_loss(model, heads, tcfg, base_params, medusa_params, hidden, batch):
-    """``Σ_k decay^k CE_k`` of the heads on ``hidden: [B, T, D]``, one head at a time."""
+def heads_loss(model, heads, tcfg, base_params, medusa_params, hidden, batch):
+    """``(Σ_k decay^k CE_k, per-head metrics)`` of the heads on the base's hidden states
+    ``hidden: [B, T, D]``, one head at a time (the training loss; the evaluation reads its
+    per-head statistics)."""
     mcfg = heads.cfg
     inputs = [hidden]
     if mcfg.is_hydra:  # teacher-forced path: tokens t+1 .. t+M of the row (none past the end)
@@ -257,7 +259,7 @@ class _Steps:
         base = state.params["base"]
 
         def loss_fn(medusa):
-            return _heads_loss(self.model, self.heads, self.tcfg, base, medusa, hidden, batch)
+            return heads_loss(self.model, self.heads, self.tcfg, base, medusa, hidden, batch)
 
         (loss, metrics), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params["medusa"])
         return self._apply(state, {"medusa": g}, {"loss": loss, **metrics}, batch)
@@ -286,7 +288,7 @@ class _Steps:
             else:
                 lm, lm_metrics = lm_loss(logits, batch["input_ids"], batch["loss_mask"], seg)
                 lm_metrics = {"lm_loss": lm, **lm_metrics}
-            heads_total, head_metrics = _heads_loss(
+            heads_total, head_metrics = heads_loss(
                 model, self.heads, tcfg, base, train["medusa"], hidden, batch
             )
             loss = lm + tcfg.heads_coef * heads_total
@@ -314,6 +316,26 @@ def _wrap(jitted, mesh):
     return call
 
 
+def jitted_train_step(
+    model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig, mesh: Mesh | None = None
+):
+    """The ``jax.jit`` of the Medusa-1 or Medusa-2 step, ``(state, batch[, frozen_base]) ->
+    (state, metrics)``, ``state`` donated: what :func:`make_train_step` calls, and what an
+    ahead-of-time compile lowers. With ``mesh``: explicit shardings for the state
+    (:func:`state_shardings`), the batch (rows over ``data`` x ``fsdp``), ``frozen_base``
+    (with ``kd``, like ``params["base"]``) and the replicated metrics. Trace it inside
+    ``mesh_context(mesh)``, so the model's activation constraints bind to the mesh."""
+    steps = _Steps(model_cfg, medusa_cfg, tcfg)
+    kd = tcfg.mode == "medusa2" and tcfg.kd
+    fn = steps.medusa1 if tcfg.mode == "medusa1" else steps.medusa2
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=(0,))
+    check_batch_size(tcfg.batch_size, mesh)
+    sh = state_shardings(model_cfg, medusa_cfg, tcfg, mesh)
+    in_sh = (sh, batch_sharding(mesh)) + ((sh.params["base"],) if kd else ())
+    return jax.jit(fn, in_shardings=in_sh, out_shardings=(sh, sh.step), donate_argnums=(0,))
+
+
 def make_train_step(
     model_cfg: ModelConfig, medusa_cfg: MedusaConfig, tcfg: TrainConfig, mesh: Mesh | None = None
 ):
@@ -328,17 +350,8 @@ def make_train_step(
     clipping), ``update_skipped``, ``skipped_updates``, ``nonfinite_consecutive``,
     ``num_tokens``.
     """
-    steps = _Steps(model_cfg, medusa_cfg, tcfg)
     kd = tcfg.mode == "medusa2" and tcfg.kd
-    fn = steps.medusa1 if tcfg.mode == "medusa1" else steps.medusa2
-    if mesh is None:
-        jitted = jax.jit(fn, donate_argnums=(0,))
-    else:
-        check_batch_size(tcfg.batch_size, mesh)
-        sh = state_shardings(model_cfg, medusa_cfg, tcfg, mesh)
-        in_sh = (sh, batch_sharding(mesh)) + ((sh.params["base"],) if kd else ())
-        jitted = jax.jit(fn, in_shardings=in_sh, out_shardings=(sh, sh.step), donate_argnums=(0,))
-    call = _wrap(jitted, mesh)
+    call = _wrap(jitted_train_step(model_cfg, medusa_cfg, tcfg, mesh), mesh)
 
     def train_step(state: TrainState, batch: dict, frozen_base=None):
         if not kd:
