@@ -47,6 +47,10 @@ def _add_distill(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--no-resume", action="store_true", help="overwrite --out instead of resuming")
+    p.add_argument("--engine", default="batch", choices=["batch", "refill"],
+                   help="refill: continuous batching, rows refilled as answers finish")
+    p.add_argument("--keep-hidden", action="store_true",
+                   help="(refill) also write the base's hidden states to <out>.hidden")
 
 
 def _add_train(sub, mode: str, what: str) -> None:
@@ -85,7 +89,8 @@ def run_distill(args) -> int:
                       max_turns=args.max_turns, max_new_tokens=args.max_new_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
                       batch_size=args.batch_size, seed=args.seed,
-                      dtype=args.dtype, resume=not args.no_resume)
+                      dtype=args.dtype, resume=not args.no_resume, engine=args.engine,
+                      keep_hidden=args.keep_hidden)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -225,3 +225,76 @@ def test_a_bad_run_never_costs_the_output_its_records(distiller, tmp_path, monke
     with pytest.raises(ValueError, match="max_conversations must be an integer >= 1"):
         distiller.run(GOOD, out, max_conversations=0, resume=False, **KW)
     assert out.read_text() == old
+
+
+# ------------------------------------------------------------ the refilling engine (issue 14)
+
+
+def _crash_after(monkeypatch, calls: int):
+    """Make the refilling engine's decode loop raise KeyboardInterrupt on call ``calls + 1``."""
+    import medusa_jax.decoding.refill as refill
+
+    real, n = refill.decode_until_free, [0]
+
+    def wrapped(*a, **k):
+        n[0] += 1
+        if n[0] > calls:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(refill, "decode_until_free", wrapped)
+
+
+def test_refill_engine_writes_the_batch_engines_records(distiller, source, tmp_path):
+    """Greedy: each answer is the prompt decoded alone, so both engines write the same records
+    (the batch engine in its plan's order, the refill engine in the source's); malformed
+    records are counted the same way."""
+    a, b = tmp_path / "batch.jsonl", tmp_path / "refill.jsonl"
+    sa = distiller.run(source, a, max_turns=2, **KW)
+    sb = distiller.run(source, b, max_turns=2, engine="refill", **KW)
+    by_id = lambda p: sorted(_records(p), key=lambda r: r["id"])  # noqa: E731
+    assert by_id(b) == by_id(a)
+    assert [r["id"] for r in _records(b)] == ["a", "b", "c", "d", "e"]
+    assert sb["skipped"] == sa["skipped"] and sb["turns_answered"] == sa["turns_answered"] == 7
+    assert sb["tokens_generated"] == sa["tokens_generated"]
+
+
+def test_refill_interrupted_and_resumed_gives_the_same_files(distiller, source, tmp_path,
+                                                             monkeypatch):
+    from medusa_jax.training.cached import HiddenSet
+    from medusa_jax.training.distill_refill import hidden_path, read_hidden
+
+    kw = dict(KW, batch_size=2)
+    full = tmp_path / "full.jsonl"
+    distiller.run(source, full, max_turns=2, engine="refill", keep_hidden=True, **kw)
+    out = tmp_path / "resumed.jsonl"
+    with monkeypatch.context() as m:
+        _crash_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            distiller.run(source, out, max_turns=2, engine="refill", keep_hidden=True, **kw)
+    partial = _records(out)
+    assert 0 < len(partial) < 5
+    with open(hidden_path(str(out)), "ab") as f:  # rows of a record that was never written
+        f.write(b"\0" * 64)
+    summary = distiller.run(source, out, max_turns=2, engine="refill", keep_hidden=True, **kw)
+    assert summary["skipped"]["already_done"] == len(partial)
+    assert out.read_text() == full.read_text()
+    assert (open(hidden_path(str(out)), "rb").read()
+            == open(hidden_path(str(full)), "rb").read())
+    recs, answers, hiddens = read_hidden(str(out), distiller.cfg.hidden_size)
+    assert len(recs) == 5 and len(answers) == 7
+    for r in recs:
+        gpt = [t for t in r["conversations"] if t["from"] == "gpt"]
+        assert len(r["answer_tokens"]) == len(gpt) == len(r["hidden"]["rows"])
+    assert [h.shape[0] for h in hiddens] == [len(a) for a in answers]
+    hs = HiddenSet.from_answers(hiddens, answers, num_heads=2)
+    assert len(hs) == sum(len(a) for a in answers)
+
+
+def test_keep_hidden_needs_the_refill_engine(distiller, source, tmp_path):
+    from medusa_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match="keep_hidden needs engine='refill'"):
+        distiller.run(source, tmp_path / "x.jsonl", keep_hidden=True, **KW)
+    with pytest.raises(ConfigError, match="engine must be"):
+        distiller.run(source, tmp_path / "x.jsonl", engine="fast", **KW)

@@ -51,6 +51,7 @@ from medusa_jax.tokenizer import apply_chat_template
 from medusa_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
 from medusa_jax.training.data.conversations import normalize_conversation
 from medusa_jax.training.data.sources import DataReport, iter_raw_records, sharegpt_path
+from medusa_jax.training.distill_refill import hidden_path, open_hidden, refill_pass
 from medusa_jax.training.files import check_output_file, replace_file
 
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -187,7 +188,8 @@ class Distiller:
             *, max_conversations: int | None = None, max_turns: int = 1,
             max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
-            sort_window: int = 1024, resume: bool = True, progress: bool = True) -> dict:
+            sort_window: int = 1024, resume: bool = True, progress: bool = True,
+            engine: str = "batch", keep_hidden: bool = False) -> dict:
         """Answer the conversations of ``source`` (a JSON/JSONL/parquet path, raw records, or
         None for the packaged ShareGPT) and append them to ``out_path`` (JSONL).
 
@@ -198,7 +200,9 @@ class Distiller:
         the conversation before it. ``temperature=0`` is greedy. ``sort_window``: conversations
         are sorted by prompt length within windows of this many, so batches have similar
         lengths. ``resume=False`` overwrites ``out_path`` (through a temporary file renamed over
-        it at the end: an interrupted run leaves the old file as it was).
+        it at the end: an interrupted run leaves the old file as it was). ``engine="refill"``
+        keeps the batch full (continuous batching, :mod:`medusa_jax.training.distill_refill`);
+        ``keep_hidden`` (refill only) also writes the base's hidden states for cached training.
 
         ValueError (before ``out_path`` is touched) for a source without a usable conversation
         and for an ``out_path`` that is a directory.
@@ -219,6 +223,10 @@ class Distiller:
                 isinstance(max_conversations, int) and max_conversations >= 1):
             raise ConfigError(f"max_conversations must be an integer >= 1 or None, got "
                               f"{max_conversations!r}")
+        if engine not in ("batch", "refill"):
+            raise ConfigError(f"engine must be 'batch' or 'refill', got {engine!r}")
+        if keep_hidden and engine != "refill":
+            raise ConfigError("keep_hidden needs engine='refill'")
         if max_prompt_tokens is None:
             max_prompt_tokens = min(DEFAULT_MAX_PROMPT_TOKENS, ctx - max_new_tokens)
         if max_prompt_tokens < 1 or max_prompt_tokens + max_new_tokens > ctx:
@@ -263,6 +271,11 @@ class Distiller:
                   else replace_file(out_path))
         try:
             with opener as f:
+                if engine == "refill":
+                    self._run_refill(convs, settings, f, seed, batch_size, max_prompt_tokens,
+                                     stats, skipped, turns_dropped, bar, keep_hidden, resume,
+                                     out_path)
+                    todo = []
                 for gi, group in todo:
                     members = [convs[i] for i in group]
                     self._run_group(members, settings, batch_size, seed, gi, max_prompt_tokens,
@@ -306,6 +319,20 @@ class Distiller:
             "tokens_per_second": stats["tokens"] / seconds if seconds > 0 else 0.0,
             "source": report.summary(),
         }
+
+    def _run_refill(self, convs, settings, f, seed, batch_size, max_prompt_tokens, stats,
+                    skipped, turns_dropped, bar, keep_hidden, resume, out_path) -> None:
+        hf, row = (open_hidden(out_path, self.cfg.hidden_size, resume) if keep_hidden
+                   else (None, 0))
+        try:
+            refill_pass(self, convs, settings, f, seed=seed, batch_size=batch_size,
+                        max_prompt_tokens=max_prompt_tokens, stats=stats, skipped=skipped,
+                        turns_dropped=turns_dropped, bar=bar, hidden_file=hf, hidden_row=row)
+        finally:
+            if hf is not None:
+                hf.close()
+        if hf is not None and not resume:
+            os.replace(hf.name, hidden_path(out_path))
 
     def _select(self, source, report: DataReport, skipped: collections.Counter,
                 max_conversations: int | None, max_turns: int,
@@ -457,7 +484,7 @@ def distill(model_path: str | os.PathLike | None = None,
             max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
             sort_window: int = 1024, resume: bool = True, progress: bool = True,
-            dtype: str = "float32") -> dict:
+            dtype: str = "float32", engine: str = "batch", keep_hidden: bool = False) -> dict:
     """Load a base model (None = the default SmolLM2-135M-Instruct) and self-distill
     ``data_path`` (None = the packaged ShareGPT) into ``out_path``; see :meth:`Distiller.run`
     for the options and the returned summary. The output path and the source are checked
@@ -471,5 +498,6 @@ def distill(model_path: str | os.PathLike | None = None,
         data_path, out_path, max_conversations=max_conversations, max_turns=max_turns,
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
-        sort_window=sort_window, resume=resume, progress=progress,
+        sort_window=sort_window, resume=resume, progress=progress, engine=engine,
+        keep_hidden=keep_hidden,
     )
