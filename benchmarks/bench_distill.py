@@ -1,0 +1,93 @@
+"""Self-distillation throughput: the static-batch engine against the refilling engine (continuous
+batching, hidden states kept), the same ShareGPT prompts and settings, side by side in one run.
+
+    python benchmarks/bench_distill.py --conversations 64 --batch-size 32 --max-new-tokens 256
+
+Each engine first runs once on the same prompts into a throw-away file (every shape compiles),
+then the timed rounds alternate engines (``--rounds``). Answer tokens per second count generated
+answer tokens only (prompts excluded). Also checks that the greedy answers of both engines are
+the same. Writes benchmarks/results/distill.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import _common as C
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conversations", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--out", default=os.path.join(C.RESULTS, "distill.md"))
+    args = p.parse_args(argv)
+
+    from medusa_jax.api import MedusaLM
+    from medusa_jax.training.distill import Distiller
+
+    info = C.machine_info()
+    lm = MedusaLM.load(None, medusa=None)
+    dist = Distiller.from_lm(lm)
+    kw = dict(max_conversations=args.conversations, max_turns=1,
+              max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+              batch_size=args.batch_size, progress=False, resume=False)
+    engines = {"batch": dict(engine="batch"), "refill": dict(engine="refill", keep_hidden=True)}
+    tmp = tempfile.mkdtemp(prefix="bench_distill_")
+    files, rows = {}, {e: [] for e in engines}
+    for e, ekw in engines.items():  # warm-up: every shape compiles
+        t = time.perf_counter()
+        dist.run(None, os.path.join(tmp, f"warm-{e}.jsonl"), **kw, **ekw)
+        print(f"{e}: warm-up (compiles) {time.perf_counter() - t:.0f}s", file=sys.stderr)
+    for r in range(args.rounds):
+        for e in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            files[e] = os.path.join(tmp, f"{e}.jsonl")
+            s = dist.run(None, files[e], **kw, **engines[e])
+            rows[e].append({k: s[k] for k in ("tokens_generated", "seconds", "tokens_per_second",
+                                              "written", "batches")})
+            print(f"{e}: {s['tokens_per_second']:.1f} answer tok/s ({s['tokens_generated']} "
+                  f"tokens, {s['seconds']:.0f}s)", file=sys.stderr)
+
+    def answers(path):
+        with open(path) as f:
+            return {r["id"]: [t["value"] for t in r["conversations"] if t["from"] == "gpt"]
+                    for r in map(json.loads, f)}
+
+    a, b = answers(files["batch"]), answers(files["refill"])
+    same = sum(a[k] == b.get(k) for k in a)
+    best = {e: max(x["tokens_per_second"] for x in v) for e, v in rows.items()}
+    ratio = best["refill"] / best["batch"]
+    info["load_average_at_end"] = C.load_average()
+    md = [
+        "# Self-distillation throughput: static batches vs refilling (continuous batching)", "",
+        f"Command: `{C.command_line()}`", "", C.machine_md(info), "",
+        f"Default model (SmolLM2-135M-Instruct), first {args.conversations} usable ShareGPT "
+        f"conversations (first turns, prompts <= {args.max_prompt_tokens} tokens), greedy, "
+        f"<= {args.max_new_tokens} new tokens, batch {args.batch_size}; timed after a warm-up "
+        "run of each engine on the same prompts (compile excluded). The refill engine also "
+        "keeps the hidden states (written to disk).", "",
+        C.md_table(["engine", "answer tok/s (best round)", "answer tokens", "seconds"],
+                   [[e, best[e], rows[e][-1]["tokens_generated"], rows[e][-1]["seconds"]]
+                    for e in engines]),
+        "", f"Refill / batch: **{ratio:.2f}x**. Identical greedy answers: {same} of {len(a)} "
+        "conversations.",
+    ]
+    data = {"command": C.command_line(), "machine": info, "args": vars(args), "rounds": rows,
+            "best_tokens_per_second": best, "ratio": ratio, "same_answers": same,
+            "conversations": len(a)}
+    C.write_results(args.out, "\n".join(md), data)
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
