@@ -4,4 +4,5 @@ import sys
 
 from medusa_jax.aot.command import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (a package walk) must not run the command
+    sys.exit(main())
