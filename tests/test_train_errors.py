@@ -5,6 +5,7 @@ damaged tokenised-data cache is rebuilt instead."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -119,3 +120,38 @@ def test_truncated_data_cache_is_rebuilt(tmp_path, data_file, caplog):
     with caplog.at_level(logging.INFO, logger="medusa_jax.train"):
         prepare_data(cfg)  # the rebuilt cache is whole again
     assert any("from the cache" in r.getMessage() for r in caplog.records)
+
+
+def test_held_out_split_stays_put_when_the_file_grows(tmp_path):
+    """The held-out conversations are chosen by a hash of their ids: appending records (the
+    distiller resumed) or reordering the file moves none of them across the split."""
+    import re
+
+    from medusa_jax.training.prepare import load_run_tokenizer
+
+    def rec(i):
+        return {"id": f"r{i}", "conversations": [{"from": "human", "value": f"question {i}"},
+                                                 {"from": "gpt", "value": f"answer {i}."}]}
+
+    def held_out(records, name):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        cfg = load_run_config(TINY, [f"data.path={path}", f"checkpoint.dir={tmp_path / name}.run",
+                                     "data.mode=pad", "data.eval_fraction=0.2"])
+        data, tok = prepare_data(cfg), load_run_tokenizer(cfg)
+
+        def ids(arrays):
+            return {int(q) for row in arrays["input_ids"]
+                    for q in re.findall(r"question (\d+)", tok.decode(row.tolist()))}
+
+        train, ev = ids(data.train), ids(data.eval)
+        assert not train & ev and len(train | ev) == len(records)
+        return ev
+
+    small = held_out([rec(i) for i in range(60)], "small.jsonl")
+    grown = [rec(i) for i in range(180)]
+    big = held_out(grown, "big.jsonl")
+    assert big & set(range(60)) == small  # the first 60 kept their sides
+    assert 0.1 < len(big) / 180 < 0.3
+    rng = np.random.default_rng(0)
+    assert held_out([grown[i] for i in rng.permutation(180)], "shuffled.jsonl") == big

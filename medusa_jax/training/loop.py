@@ -235,7 +235,7 @@ class Trainer:
                               f"{self.model_cfg.vocab_size}: the tokenizer does not fit the model")
         m = run_cfg.medusa
         draft = None
-        if m.draft_vocab_size:  # from the training targets only (the split is fixed by the seed)
+        if m.draft_vocab_size:  # from the training targets only (the split is fixed by the ids)
             tr = self.data.train
             draft = choose_draft_ids(tr["input_ids"][tr["loss_mask"] > 0], m.draft_vocab_size,
                                      self.model_cfg.vocab_size, tuple(self.model_cfg.eos_token_ids))

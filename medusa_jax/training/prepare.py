@@ -22,7 +22,7 @@ from medusa_jax.training.run_config import BYTES_TOKENIZER, RunConfig
 
 log = logging.getLogger("medusa_jax.train")
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: held-out split by a hash of each conversation's id
 
 
 # ------------------------------------------------------------------------------------------
@@ -123,13 +123,39 @@ class PreparedData:
     cache_file: str | None = None
 
 
-def _split_conversations(convs: list, fraction: float, seed: int) -> tuple[list, list]:
-    """A held-out share of ``convs`` chosen by ``seed`` alone (deterministic)."""
-    n = len(convs)
-    n_eval = 0 if fraction <= 0 or n < 2 else min(n - 1, max(1, round(fraction * n)))
-    held = set(np.random.default_rng([seed, 0xE7A1]).permutation(n)[:n_eval].tolist())
-    train = [c for i, c in enumerate(convs) if i not in held]
-    return train, [c for i, c in enumerate(convs) if i in held]
+def split_key(messages: list[dict[str, str]], record_id: str | None) -> str:
+    """What decides a conversation's side of the held-out split: its record id, or (for a
+    record without one) its first user turn."""
+    if record_id is not None:
+        return f"id:{record_id}"
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return "user:" + first
+
+
+def held_out_mask(keys: list[str], fraction: float) -> np.ndarray:
+    """Which conversations are held out: those whose key hashes (SHA-256) below ``fraction``
+    of the hash range. A conversation's side depends on its key alone, so it stays put when
+    the data file grows or is reordered. At least one conversation lands on each side (when
+    ``fraction > 0`` and there are two or more): the smallest / largest hashes move."""
+    n = len(keys)
+    if fraction <= 0 or n < 2:
+        return np.zeros(n, bool)
+    u = np.array([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") / 2.0 ** 64
+                  for k in keys])
+    held = u < fraction
+    if not held.any():
+        held[np.argmin(u)] = True
+    if held.all():
+        held[np.argmax(u)] = False
+    return held
+
+
+def _split_conversations(convs: list, fraction: float, ids: list) -> tuple[list, list]:
+    """The held-out share of ``convs`` by :func:`held_out_mask` of their :func:`split_key`."""
+    ids = ids if len(ids) == len(convs) else [None] * len(convs)
+    held = held_out_mask([split_key(c, i) for c, i in zip(convs, ids, strict=True)], fraction)
+    return ([c for c, h in zip(convs, held, strict=True) if not h],
+            [c for c, h in zip(convs, held, strict=True) if h])
 
 
 def prepare_data(run_cfg: RunConfig) -> PreparedData:
@@ -163,7 +189,7 @@ def prepare_data(run_cfg: RunConfig) -> PreparedData:
                                         drop_leading_assistant=d.drop_leading_assistant)
     else:
         convs, rep = load_sharegpt(d.max_records, drop_leading_assistant=d.drop_leading_assistant)
-    train_convs, eval_convs = _split_conversations(convs, d.eval_fraction, t.seed)
+    train_convs, eval_convs = _split_conversations(convs, d.eval_fraction, rep.ids)
     tok = load_run_tokenizer(run_cfg)
     train = prepare_arrays(tok, train_convs, t.seq_len, d.mode, report=rep)
     evals = prepare_arrays(tok, eval_convs, t.seq_len, d.mode, report=rep) if eval_convs else None

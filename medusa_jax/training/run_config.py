@@ -229,7 +229,8 @@ class DataSection:
     """Training conversations. ``path``: JSON list / JSONL / parquet in ShareGPT or messages
     form (None: the packaged ShareGPT). Rows are ``train.seq_len`` tokens, one conversation each
     (``mode: pad``) or several (``pack``). ``eval_fraction`` of the conversations (chosen by
-    ``train.seed``) is held out for the final evaluation. Tokenised arrays are cached in
+    a hash of each record's id, so the split stays put when the file grows) is held out for the
+    final evaluation. Tokenised arrays are cached in
     ``cache_dir`` (None: ``<checkpoint.dir>/data_cache``), keyed by every input they depend on."""
 
     path: str | None = None

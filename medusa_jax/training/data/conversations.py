@@ -115,6 +115,8 @@ def load_conversations(
             report.skip(reason or "unknown")
         else:
             convs.append(messages)
+            rid = record.get("id")
+            report.ids.append(None if rid is None else str(rid))
     report.kept = len(convs)
     if not convs:
         raise DataError(f"no usable conversations in {report.summary()}")  # names the file

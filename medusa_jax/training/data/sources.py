@@ -44,7 +44,8 @@ class DataReport:
 
     ``records_read`` counts every record seen (including malformed ones), ``kept`` the usable
     conversations, ``skipped`` maps a reason to how many records were dropped for it, and
-    ``truncated`` says the file ended in the middle of a record.
+    ``truncated`` says the file ended in the middle of a record. ``ids``: the ``id`` field of
+    each kept conversation, in order (None where a record has none).
     """
 
     source: str
@@ -52,6 +53,7 @@ class DataReport:
     kept: int = 0
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     truncated: bool = False
+    ids: list = dataclasses.field(default_factory=list, repr=False)
 
     def skip(self, reason: str, n: int = 1) -> None:
         """Record that ``n`` records were dropped for ``reason``."""
