@@ -12,7 +12,7 @@ prompt and its seed, never on which other prompts share the batch or when it was
 
 With ``keep_hidden`` the base model's final-normed hidden state at every answer position (the
 state whose LM-head logits chose the token) comes out with the answer: what
-:class:`medusa_jax.training.cached.HiddenSet.from_answers` trains heads on, without a second pass
+:meth:`medusa_jax.training.hidden_set.HiddenSet.from_answers` trains heads on, without a second pass
 over the data.
 
 Two compiled programs: :func:`refill_row` (one per prompt-length bucket of ``PROMPT_STEP``

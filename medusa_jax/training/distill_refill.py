@@ -13,7 +13,7 @@ the uninterrupted file byte for byte.
 float16 rows of ``hidden_size``, to ``<out>.hidden``; each record then carries
 ``"answer_tokens"`` (one id list per answer, EOS included when hit) and
 ``"hidden": {"offset": first row, "rows": [rows per answer]}``, which is what
-:meth:`~medusa_jax.training.cached.HiddenSet.from_answers` needs (:func:`read_hidden`). A resumed
+:meth:`~medusa_jax.training.hidden_set.HiddenSet.from_answers` needs (:func:`read_hidden`). A resumed
 run first cuts the file back to the rows its complete records account for.
 """
 
