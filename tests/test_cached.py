@@ -292,3 +292,48 @@ def test_head_target_base_needs_cached_states():
         TrainConfig(head_target="base")
     with pytest.raises(ConfigError, match="head_target='logits' must be one of"):
         TrainConfig(head_target="logits", cache_hidden=True)
+
+
+def test_cached_run_reads_the_distillers_hidden_states(tmp_path, data_file, monkeypatch):
+    """train.cache_hidden on a file distilled with --keep-hidden trains on the sidecar's states
+    (the base never runs over the data), held out by the same id hash as prepare_data, and a
+    sidecar from a model of another width is refused by name."""
+    from medusa_jax.errors import DataError
+    from medusa_jax.training import cached
+    from medusa_jax.training.distill import Distiller
+    from medusa_jax.training.distill_refill import hidden_path, read_hidden
+    from medusa_jax.training.prepare import held_out_mask, load_run_tokenizer
+    from medusa_jax.training.setup import build_base
+
+    out = str(tmp_path / "distilled.jsonl")
+    args = ("train.cache_hidden=true", "train.steps=3", "train.token_batch=32",
+            "data.eval_fraction=0.25")
+    cfg = config(tmp_path / "run", out, *args)
+    model_cfg, base = build_base(cfg)
+    Distiller(model_cfg, base, load_run_tokenizer(cfg)).run(
+        data_file, out, max_conversations=24, max_new_tokens=8, batch_size=4,
+        max_prompt_tokens=48, engine="refill", keep_hidden=True, progress=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("the base model ran over the data")
+
+    monkeypatch.setattr(cached, "collect_hidden", refuse)
+    monkeypatch.setattr("medusa_jax.training.prepare.prepare_data", refuse)
+    s = cached.train_cached(cfg)
+    assert s["hidden_states"] == hidden_path(out)
+    recs, answers, hiddens = read_hidden(out, model_cfg.hidden_size)
+    held = held_out_mask([f"id:{r['id']}" for r in recs], 0.25)
+    owner = [i for i, r in enumerate(recs) for _ in r["answer_tokens"]]
+    n_eval = sum(len(a) for a, o in zip(answers, owner, strict=True) if held[o])
+    assert 0 < n_eval < sum(map(len, answers))
+    assert s["eval_positions"] == n_eval
+    assert s["train_positions"] == sum(map(len, answers)) - n_eval
+    assert s["data"]["eval_conversations"] == int(held.sum())
+    assert s["eval"]["head_count"][0] > 0
+
+    wide = config(tmp_path / "wide", out, *args, "model.tiny_hidden_size=48")
+    with pytest.raises(DataError, match="hidden size"):
+        cached.train_cached(wide)
+    strict = config(tmp_path / "strict", data_file, *args, "data.hidden_states=sidecar")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cached.train_cached(strict)

@@ -45,7 +45,7 @@ from medusa_jax.config import ConfigError, MedusaConfig, ModelConfig
 from medusa_jax.errors import DataError
 from medusa_jax.model.heads import head_logits, heads_module, path_embeddings, vocab_to_draft
 from medusa_jax.model.llama import lm_head_weight
-from medusa_jax.training.hidden_set import HiddenSet
+from medusa_jax.training.hidden_set import HiddenSet, sidecar_for, sidecar_sets
 from medusa_jax.training.losses import ce_stats, heads_total, shifted_targets
 from medusa_jax.training.optimizer import learning_rates, make_optimizer
 from medusa_jax.training.run_config import RunConfig, TrainConfig, dump_yaml, to_dict
@@ -333,24 +333,33 @@ def train_cached(run_cfg: RunConfig) -> dict:
     t_origin = time.perf_counter()
     os.makedirs(paths.root, exist_ok=True)
     dump_yaml(to_dict(run_cfg), paths.config)
-    data = prepare_data(run_cfg)
-    log.info("data: %s", data.report["summary"])
+    sidecar = sidecar_for(run_cfg.data.path, run_cfg.data.hidden_states)
+    data = None if sidecar else prepare_data(run_cfg)
     model_cfg, base = build_base(run_cfg)
-    base_dev = jax.device_put(base)
     t = time.perf_counter()
-    cache_path = _hidden_cache_path(run_cfg, data.cache_file, m.num_heads)
-    sets = _load_hidden(cache_path) if cache_path else None
-    hidden_cache = "loaded" if sets else None
-    if sets is None:
-        train_set = collect_hidden(model_cfg, base_dev, data.train, m.num_heads,
-                                   tcfg.batch_size, "hidden states (train)")
-        eval_set = (collect_hidden(model_cfg, base_dev, data.eval, m.num_heads, tcfg.batch_size,
-                                   "hidden states (eval)") if data.eval is not None else None)
-        if cache_path:
-            _save_hidden(cache_path, train_set, eval_set)
-            hidden_cache = "saved"
+    if sidecar:  # the distiller kept the states: no base pass over the data
+        train_set, eval_set, report = sidecar_sets(run_cfg.data.path, model_cfg.hidden_size,
+                                                   m.num_heads, run_cfg.data.eval_fraction,
+                                                   run_cfg.data.max_records)
+        cache_path, hidden_cache = None, None
     else:
-        train_set, eval_set = sets
+        report = data.report
+        base_dev = jax.device_put(base)
+        cache_path = _hidden_cache_path(run_cfg, data.cache_file, m.num_heads)
+        sets = _load_hidden(cache_path) if cache_path else None
+        hidden_cache = "loaded" if sets else None
+        if sets is None:
+            train_set = collect_hidden(model_cfg, base_dev, data.train, m.num_heads,
+                                       tcfg.batch_size, "hidden states (train)")
+            eval_set = (collect_hidden(model_cfg, base_dev, data.eval, m.num_heads,
+                                       tcfg.batch_size, "hidden states (eval)")
+                        if data.eval is not None else None)
+            if cache_path:
+                _save_hidden(cache_path, train_set, eval_set)
+                hidden_cache = "saved"
+        else:
+            train_set, eval_set = sets
+    log.info("data: %s", report["summary"])
     collect_s = time.perf_counter() - t
     log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
              0 if eval_set is None else len(eval_set), collect_s)
@@ -399,7 +408,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
         "mode": "medusa1", "cache_hidden": True, "head_type": mcfg.head_type,
         "head_target": tcfg.head_target, "step": tcfg.steps, "steps": tcfg.steps,
         "interrupted": False, "signal": None, "run_dir": paths.root,
-        "checkpoint_dir": None, "data": data.report,
+        "checkpoint_dir": None, "data": report, "hidden_states": sidecar or "base forward",
         "train_positions": len(train_set), "eval_positions": 0 if eval_set is None else len(eval_set),
         "epochs": round(tcfg.steps / per_epoch, 2), "token_batch": bt,
         "draft_vocab_size": None if draft is None else len(draft),
@@ -411,7 +420,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     metadata = {
         "mode": "medusa1 (cached hidden states)", "steps": tcfg.steps,
         "head_type": mcfg.head_type, "head_target": tcfg.head_target,
-        "data": {k: data.report[k] for k in ("source", "summary", "train_rows")},
+        "data": {k: report[k] for k in ("source", "summary", "train_rows")},
         "train_positions": summary["train_positions"], "epochs": summary["epochs"],
         "wall_time_s": round(summary["wall_time_s"], 1), "eval": ev,
     }

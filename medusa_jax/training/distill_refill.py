@@ -12,7 +12,7 @@ the uninterrupted file byte for byte.
 ``keep_hidden``: the base model's final-normed state at every answer position is appended, as
 float16 rows of ``hidden_size``, to ``<out>.hidden``; each record then carries
 ``"answer_tokens"`` (one id list per answer, EOS included when hit) and
-``"hidden": {"offset": first row, "rows": [rows per answer]}``, which is what
+``"hidden": {"offset": first row, "rows": [rows per answer], "dim": hidden size}``, which is what
 :meth:`~medusa_jax.training.hidden_set.HiddenSet.from_answers` needs (:func:`read_hidden`). A resumed
 run first cuts the file back to the rows its complete records account for.
 """
@@ -69,22 +69,41 @@ def open_hidden(out_path: str, dim: int, resume: bool):
     return f, rows
 
 
-def read_hidden(out_path: str, dim: int) -> tuple[list[dict[str, Any]], list[np.ndarray],
-                                                    list[np.ndarray]]:
+def read_hidden(out_path: str, dim: int, max_records: int | None = None
+                ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[np.ndarray]]:
     """Records of a ``keep_hidden`` distillation with their answers' token ids and hidden
-    states (float32), in file order: ``(records, answers, hiddens)``, one entry per answer."""
+    states (float32), in file order: ``(records, answers, hiddens)``, one entry per answer
+    (the first ``max_records`` records with hidden states). A record pointing past the sidecar
+    or whose token and row counts disagree is a :class:`DataError`."""
     rows = np.memmap(hidden_path(out_path), HIDDEN_DTYPE, "r").reshape(-1, dim)
     recs, answers, hiddens = [], [], []
     with open(out_path, encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            h = r.get("hidden")
+        for n_line, line in enumerate(f, 1):
+            if max_records is not None and len(recs) >= max_records:
+                break
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line (the distiller repairs it on resume)
+            h = r.get("hidden") if isinstance(r, dict) else None
             if not isinstance(h, dict):
                 continue
-            recs.append(r)
+            if h.get("dim", dim) != dim:
+                raise DataError(f"{out_path} line {n_line}: hidden states of size {h['dim']}, "
+                                f"but this model's hidden size is {dim} (distilled with "
+                                "another model)")
             o = int(h["offset"])
-            for toks, n in zip(r["answer_tokens"], h["rows"], strict=True):
-                answers.append(np.asarray(toks, np.int32))
+            toks = r.get("answer_tokens", [])
+            if (len(toks) != len(h["rows"]) or any(len(t) != n for t, n in zip(toks, h["rows"]))
+                    or o + sum(h["rows"]) > rows.shape[0]):
+                raise DataError(f"{out_path} line {n_line}: its hidden rows (offset {o}, rows "
+                                f"{h['rows']}) do not match its answer tokens or lie past the "
+                                f"{rows.shape[0]} rows of {hidden_path(out_path)} (read as rows "
+                                f"of this model's hidden size {dim}: distilled with another "
+                                "model, or damaged)")
+            recs.append(r)
+            for t, n in zip(toks, h["rows"], strict=True):
+                answers.append(np.asarray(t, np.int32))
                 hiddens.append(np.asarray(rows[o: o + n], np.float32))
                 o += n
     return recs, answers, hiddens
@@ -150,7 +169,8 @@ def refill_pass(dist, convs: list, settings, out_file, *, seed: int, batch_size:
                 if hidden_file is not None:
                     rows = [len(t) for t in tokens[j]]
                     rec["answer_tokens"] = tokens[j]
-                    rec["hidden"] = {"offset": hidden_row, "rows": rows}
+                    rec["hidden"] = {"offset": hidden_row, "rows": rows,
+                                     "dim": dist.cfg.hidden_size}
                     for h in hidden[j]:
                         hidden_file.write(np.asarray(h, HIDDEN_DTYPE).tobytes())
                     hidden_row += sum(rows)

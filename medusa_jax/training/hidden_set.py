@@ -4,8 +4,11 @@ at answer positions with each head's targets, teacher-forced path tokens and tea
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
+
+from medusa_jax.errors import DataError, MissingFileError
 
 
 @dataclasses.dataclass
@@ -59,3 +62,69 @@ class HiddenSet:
         tokens = np.concatenate(toks).astype(np.int32)
         return cls(np.concatenate(hs), tokens[:, 1:].copy(), tokens,
                    np.concatenate(teach).astype(np.int32))
+
+
+def sidecar_for(data_path: str | None, mode: str) -> str | None:
+    """The hidden-state sidecar (``<data>.hidden``, written by ``train.py distill --keep-hidden``)
+    a cached run reads instead of running the base model: with ``data.hidden_states: auto``
+    when it exists, with ``sidecar`` always (missing: an error), never with ``recompute``."""
+    from medusa_jax.training.distill_refill import hidden_path  # noqa: PLC0415
+
+    if mode == "recompute" or not data_path:
+        if mode == "sidecar":
+            raise DataError("data.hidden_states=sidecar needs data.path (a distilled file)")
+        return None
+    side = hidden_path(os.path.abspath(os.path.expanduser(data_path)))
+    if os.path.isfile(side):
+        return side
+    if mode == "sidecar":
+        raise MissingFileError(f"data.hidden_states=sidecar: {side} does not exist (distil "
+                               "with --engine refill --keep-hidden)")
+    return None
+
+
+def sidecar_sets(data_path: str, dim: int, num_heads: int, eval_fraction: float,
+                 max_records: int | None = None) -> tuple[HiddenSet, HiddenSet | None, dict]:
+    """Train / held-out :class:`HiddenSet` from a distilled file and its sidecar, split like
+    :func:`~medusa_jax.training.prepare.prepare_data` (a hash of each record's id), and a data
+    report. The answers' own token ids are the targets (no re-tokenisation)."""
+    from medusa_jax.training.distill_refill import hidden_path, read_hidden  # noqa: PLC0415
+    from medusa_jax.training.prepare import held_out_mask, split_key  # noqa: PLC0415
+
+    path = os.path.abspath(os.path.expanduser(data_path))
+    side = hidden_path(path)
+    size = os.path.getsize(side)
+    if size % (2 * dim):
+        raise DataError(f"{side} holds {size} bytes, not whole float16 rows of {dim} values: its "
+                        f"hidden states come from a model of another hidden size than this "
+                        f"run's ({dim})")
+    recs, answers, hiddens = read_hidden(path, dim, max_records=max_records)
+    owner = [i for i, r in enumerate(recs) for _ in r["answer_tokens"]]
+    if not recs:
+        raise DataError(f"{path}: no record has hidden states (distil with --keep-hidden)")
+    keys = [split_key([{"role": "user", "content": next(
+        (t.get("value", "") for t in r.get("conversations", []) if t.get("from") == "human"),
+        "")}], None if r.get("id") is None else str(r["id"])) for r in recs]
+    held = held_out_mask(keys, eval_fraction)
+
+    def subset(flag: bool) -> HiddenSet | None:
+        pick = [j for j, o in enumerate(owner) if held[o] == flag]
+        if not pick:
+            return None
+        return HiddenSet.from_answers([hiddens[j] for j in pick], [answers[j] for j in pick],
+                                      num_heads)
+
+    train, ev = subset(False), subset(True)
+    if train is None:
+        raise DataError(f"{path}: every record is held out (data.eval_fraction={eval_fraction})")
+    n_eval = int(held.sum())
+    report = {
+        "source": path, "records_read": len(recs), "kept": len(recs), "skipped": {},
+        "truncated": False, "hidden_states": side,
+        "summary": f"{path}: {len(recs)} records with hidden states in {side}",
+        "train_conversations": len(recs) - n_eval, "eval_conversations": n_eval,
+        "train_rows": len(recs) - n_eval, "eval_rows": n_eval,
+        "train_target_tokens": int(sum(len(answers[j]) for j, o in enumerate(owner)
+                                       if not held[o])),
+    }
+    return train, ev, report

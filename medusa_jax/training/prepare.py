@@ -69,6 +69,8 @@ class ByteTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         out, buf = [], bytearray()
         for i in ids:
+            if int(i) >= self.vocab_size:  # a padded model vocabulary's rows: no text
+                continue
             if int(i) >= 3:
                 buf.append(int(i) - 3)
                 continue

@@ -240,8 +240,14 @@ class DataSection:
     eval_fraction: float = 0.02
     cache: bool = True
     cache_dir: str | None = None
+    # train.cache_hidden only: "auto" reads the base model's hidden states from the distiller's
+    # sidecar (<path>.hidden, `train.py distill --engine refill --keep-hidden`) when it exists
+    # instead of running the base over the data; "sidecar" requires it; "recompute" never reads it.
+    hidden_states: Literal["auto", "sidecar", "recompute"] = "auto"
 
     def __post_init__(self):
+        _check(self.hidden_states in ("auto", "sidecar", "recompute"),
+               f"data.hidden_states must be auto, sidecar or recompute, got {self.hidden_states!r}")
         _check(self.max_records is None or self.max_records > 0,
                f"data.max_records must be > 0 or null, got {self.max_records}")
         _check(0.0 <= self.eval_fraction < 1.0,
