@@ -51,6 +51,9 @@ def _add_distill(sub) -> None:
                    help="refill: continuous batching, rows refilled as answers finish")
     p.add_argument("--keep-hidden", action="store_true",
                    help="(refill) also write the base's hidden states to <out>.hidden")
+    p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
+                   help="scanned layers (compile faster; each step copies the weights out of "
+                   "the stack) instead of unrolled ones (the default: faster steps)")
 
 
 def _add_train(sub, mode: str, what: str) -> None:
@@ -90,7 +93,7 @@ def run_distill(args) -> int:
                       max_prompt_tokens=args.max_prompt_tokens, temperature=args.temperature,
                       batch_size=args.batch_size, seed=args.seed,
                       dtype=args.dtype, resume=not args.no_resume, engine=args.engine,
-                      keep_hidden=args.keep_hidden)
+                      keep_hidden=args.keep_hidden, scan_layers=args.scan_layers)
     print(json.dumps(summary, indent=2))
     return 0
 

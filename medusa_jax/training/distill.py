@@ -484,16 +484,19 @@ def distill(model_path: str | os.PathLike | None = None,
             max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 8,
             sort_window: int = 1024, resume: bool = True, progress: bool = True,
-            dtype: str = "float32", engine: str = "batch", keep_hidden: bool = False) -> dict:
+            dtype: str = "float32", engine: str = "batch", keep_hidden: bool = False,
+            scan_layers: bool = False) -> dict:
     """Load a base model (None = the default SmolLM2-135M-Instruct) and self-distill
     ``data_path`` (None = the packaged ShareGPT) into ``out_path``; see :meth:`Distiller.run`
     for the options and the returned summary. The output path and the source are checked
-    before the (slow) model load."""
+    before the (slow) model load. Layers are unrolled unless ``scan_layers``: a distillation
+    compiles its loops once and then decodes for hours, and a scanned step copies every
+    layer's weights out of the stack (benchmarks/results/refill_step.md)."""
     from medusa_jax.api import MedusaLM
 
     check_output_file(out_path, OUT_WHAT)
     check_source(data_path)
-    lm = MedusaLM.load(model_path, medusa=None, dtype=dtype)
+    lm = MedusaLM.load(model_path, medusa=None, dtype=dtype, scan_layers=scan_layers)
     return Distiller.from_lm(lm).run(
         data_path, out_path, max_conversations=max_conversations, max_turns=max_turns,
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
