@@ -43,6 +43,10 @@ def parse_args(argv=None):
                    help="MT-bench first turns, spread over the categories")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--topk", type=int, default=10, help="ranks per head the trees may use")
+    p.add_argument("--accuracy", choices=("conditional", "marginal"), default="conditional",
+                   help="per-rank accuracies the trees are built from: head k's given that the "
+                   "heads before it were right (eval.head_cond_rank_acc, when stored) or over "
+                   "all positions (eval.head_rank_acc)")
     p.add_argument("--out", default=os.path.join(C.RESULTS, "tree_choice.md"))
     p.add_argument("--write-heads", action="store_true",
                    help="store the chosen trees in the heads' medusa_config.json metadata")
@@ -109,7 +113,11 @@ def main(argv=None) -> int:
 
     info = C.machine_info()
     meta = read_heads_metadata(args.heads)
-    acc = np.asarray((meta.get("eval") or {}).get("head_rank_acc") or [])
+    ev = meta.get("eval") or {}
+    key = "head_rank_acc"
+    if args.accuracy == "conditional" and ev.get("head_cond_rank_acc"):
+        key = "head_cond_rank_acc"
+    acc = np.asarray(ev.get(key) or [])
     if acc.ndim != 2:
         raise SystemExit(f"{args.heads}: no eval.head_rank_acc in the metadata (train the heads "
                          "with train.py medusa1 so the held-out evaluation is stored)")
@@ -175,6 +183,10 @@ def main(argv=None) -> int:
         [[r["nodes"], r["depth"], r["step_ms"], r["step_ratio"], r["pred_accept"], r["accept"],
           r["pred_speedup"], r["speedup"], f"{r['mismatches']}/{len(prompts)}"] for r in rows])
     png = os.path.splitext(args.out)[0] + ".png"
+    hydra_note = ("; a node's rank is its rank among its parent's candidates, drafted depth by "
+                  "depth" if mcfg.is_hydra else "")
+    cond_note = (": head k's accuracy given that heads 1 .. k-1 were right at the position"
+                 if key == "head_cond_rank_acc" else ": over all held-out positions")
     md = f"""# Choosing the tree for this machine
 
 Command: `{C.command_line()}`
@@ -183,11 +195,12 @@ Command: `{C.command_line()}`
 {C.machine_md(info)}
 
 ## Method
-- Heads: `{os.path.relpath(args.heads, C.REPO)}` ({mcfg.num_heads} heads x {mcfg.num_layers}
-  ResBlock, draft vocabulary {mcfg.draft_size} tokens). Held-out per-rank accuracies
-  (`eval.head_rank_acc`, top {acc.shape[1]} ranks) -> for each size n the n-node tree of highest
-  expected acceptance (`best_nodes_tree`) and its predicted accepted length
-  (`expected_accept_length`, independence model).
+- Heads: `{os.path.relpath(args.heads, C.REPO)}` ({mcfg.head_type} heads: {mcfg.num_heads} x
+  {mcfg.num_layers} ResBlock, draft vocabulary {mcfg.draft_size} tokens{hydra_note}). Held-out
+  per-rank accuracies (`eval.{key}`, top {acc.shape[1]} ranks{cond_note}) -> for each size n
+  the n-node tree of highest expected acceptance (`best_nodes_tree`) and its predicted accepted
+  length (`expected_accept_length`: a node's probability is the product of its ranks'
+  accuracies along its path).
 - Measured: {len(prompts)} MT-bench first turns (categories in turn), greedy, batch 1,
   max_new_tokens {args.max_new_tokens}; vanilla and every tree interleaved per prompt (order
   rotating); step time = decode-loop seconds / steps (compile excluded, prefill apart); vanilla
@@ -208,7 +221,8 @@ construction gives a 63-node tree, stored as the heads' GPU tree.
 """
     C.write_results(args.out, md, {"machine": info, "rows": rows, "chosen": best,
                                    "gpu_tree": gpu_tree, "vanilla_step_ms": 1e3 * van_step,
-                                   "accuracies": acc.tolist(), "prompts": [q["question_id"] for q in qs]})
+                                   "accuracies": acc.tolist(), "accuracy_key": key,
+                                   "head_type": mcfg.head_type, "prompts": [q["question_id"] for q in qs]})
     plot(png, rows, best["nodes"])
     print(table)
     print(f"chosen: {best['nodes']} nodes, predicted {best['pred_speedup']:.2f}x, "

