@@ -140,6 +140,16 @@ def test_shipped_heads_accept_more_and_equal_vanilla(scanned, prompt_ids, vanill
     assert accepted > 1.2, accepted
 
 
+def test_stored_heads_are_computed_in_the_base_dtype():
+    """The shipped heads are stored in float16; MedusaLM.load casts them to the base model's
+    dtype once (left in float16, every step converted them: 0.95x instead of 1.16x)."""
+    from medusa_jax.api import MedusaLM, default_heads_path
+    lm = MedusaLM.load(None)
+    assert lm.has_heads and default_heads_path() is not None
+    assert lm.mcfg.param_dtype == lm.cfg.dtype == "float32"
+    assert {str(x.dtype) for x in jax.tree.leaves(lm.params["medusa"])} == {"float32"}
+
+
 def _decode(*args, stdin=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("XLA_FLAGS", None)
