@@ -47,15 +47,21 @@ def group(op_name: str) -> str:
     return "other (sampling, bookkeeping)"
 
 
-def fusion_ops(dump_dir: str) -> dict[str, str]:
-    """Fusion name -> its op_name, from the optimised HLO of the decode loop."""
-    path = glob.glob(os.path.join(dump_dir, "*jit_decode_until_free.cpu_after_optimizations.txt"))
-    out = {}
-    for line in open(path[0]):
-        m = re.match(r'\s*%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
+def fusion_ops(dump_dir: str, names: set[str]) -> dict[str, str]:
+    """Fusion name -> its op_name, from the optimised HLO of the decode loop that was traced:
+    several decode loops compile (batch sizes, layouts), so the one whose fusion names cover
+    most of the trace's events is taken."""
+    best: dict[str, str] = {}
+    for path in glob.glob(os.path.join(dump_dir,
+                                       "*jit_decode_until_free.cpu_after_optimizations.txt")):
+        out = {}
+        for line in open(path):
+            m = re.match(r'\s*%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
+            if m:
+                out[m.group(1)] = m.group(2)
+        if len(names & set(out)) > len(names & set(best)):
+            best = out
+    return best
 
 
 def main(argv=None) -> int:
@@ -127,9 +133,10 @@ def main(argv=None) -> int:
 
     groups, other = collections.Counter(), collections.Counter()
     if prof:
-        ops = fusion_ops(dump)
         f = glob.glob(os.path.join(prof[0], "plugins", "profile", "*", "*.trace.json.gz"))[0]
-        for e in json.load(gzip.open(f))["traceEvents"]:
+        events = json.load(gzip.open(f))["traceEvents"]
+        ops = fusion_ops(dump, {e.get("name") for e in events if e.get("ph") == "X"})
+        for e in events:
             if e.get("ph") == "X" and e.get("name") in ops:
                 g = group(ops[e["name"]])
                 groups[g] += e["dur"] / 1e3 / prof[1]
