@@ -26,20 +26,20 @@ DEFAULT_HEADS = os.path.join(C.REPO, "medusa_jax", "assets", "heads", "smollm2-1
 
 
 def constant_proposer(num_nodes: int, hydra: bool):
-    """Same shapes as the heads' proposer, no head work: every drafted token is 0."""
+    """Same shapes as the heads' proposer, no head work: every drafted token is 0 (the Medusa
+    form is bench_tree_cost's; the Hydra form drafts the whole tree after the root)."""
+    if not hydra:
+        from bench_tree_cost import _constant_proposer
+
+        return _constant_proposer
+
     import jax.numpy as jnp
 
-    if hydra:
-        def propose(params, hidden, state, root):
-            return jnp.concatenate(
-                [root[:, None], jnp.zeros((root.shape[0], num_nodes), jnp.int32)], axis=1)
+    def propose(params, hidden, state, root):
+        return jnp.concatenate(
+            [root[:, None], jnp.zeros((root.shape[0], num_nodes), jnp.int32)], axis=1)
 
-        propose.drafts_tree = True
-        return propose
-
-    def propose(params, hidden, state):
-        return jnp.zeros((hidden.shape[0], 16, 64), jnp.int32)  # sliced to [B, depth, topk]
-
+    propose.drafts_tree = True
     return propose
 
 
