@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     timer = C.JaxTimer()
     sets = []
     for path in [x for x in a.heads.split(",") if x]:
-        mcfg, heads = load_heads(path, base_cfg=cfg, dtype=cfg.dtype)
+        mcfg, heads = load_heads(path, base_cfg=cfg)
         tree = json.loads(a.tree) if a.tree else default_tree(mcfg, heads_trees(path), "cpu")
         st = make_settings(tree, mcfg.num_heads, gen)
         params = {"base": base, "medusa": jax.device_put(heads)}

@@ -70,7 +70,7 @@ def load_heads_and_tree(args, cfg):
         mcfg = MedusaConfig.for_model(cfg, num_heads=4)
         mp, desc = init_medusa_params(mcfg), "fresh (`init_medusa_params`, zero ResBlocks)"
     else:
-        mcfg, mp = load_heads(path, base_cfg=cfg, dtype=cfg.dtype)
+        mcfg, mp = load_heads(path, base_cfg=cfg)
         desc = f"`{path}`"
         try:
             meta = read_heads_metadata(path)

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     if args.heads:
         from medusa_jax.weights.medusa_io import load_heads
 
-        mcfg, mp = load_heads(args.heads, base_cfg=cfg, dtype=cfg.dtype)
+        mcfg, mp = load_heads(args.heads, base_cfg=cfg)
         heads_desc = f"trained heads from `{args.heads}`"
     else:
         mcfg = MedusaConfig.for_model(cfg, num_heads=args.num_heads, num_layers=1,

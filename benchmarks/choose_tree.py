@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     acc = acc[:, : args.topk]
     cfg, base = load_base_model(None)
     tok = load_tokenizer(None)
-    mcfg, heads = load_heads(args.heads, base_cfg=cfg, dtype=cfg.dtype)
+    mcfg, heads = load_heads(args.heads, base_cfg=cfg)
     params = {"base": convert_layout(base, cfg), "medusa": heads}
     eos = eos_token_ids(tok, cfg.eos_token_ids)
     gen = GenerationSettings(args.max_new_tokens, eos_token_ids=eos)

@@ -89,7 +89,7 @@ class MedusaLM:
         if medusa is not None:
             from medusa_jax.weights.medusa_io import load_heads
 
-            mcfg, mp = load_heads(medusa, base_cfg=cfg, dtype=cfg.dtype)
+            mcfg, mp = load_heads(medusa, base_cfg=cfg)
             lm.set_heads(mcfg, mp, trees=heads_trees(medusa))
         return lm
 
@@ -110,7 +110,7 @@ class MedusaLM:
         if medusa not in (None, "none", ""):
             from medusa_jax.weights.medusa_io import load_heads
 
-            mcfg, mp = load_heads(medusa, base_cfg=cfg, dtype=cfg.dtype)
+            mcfg, mp = load_heads(medusa, base_cfg=cfg)
             lm.set_heads(mcfg, mp, trees=heads_trees(medusa))
         return lm
 
