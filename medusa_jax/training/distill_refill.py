@@ -72,9 +72,11 @@ def open_hidden(out_path: str, dim: int, resume: bool):
 def read_hidden(out_path: str, dim: int, max_records: int | None = None
                 ) -> tuple[list[dict[str, Any]], list[np.ndarray], list[np.ndarray]]:
     """Records of a ``keep_hidden`` distillation with their answers' token ids and hidden
-    states (float32), in file order: ``(records, answers, hiddens)``, one entry per answer
-    (the first ``max_records`` records with hidden states). A record pointing past the sidecar
-    or whose token and row counts disagree is a :class:`DataError`."""
+    states, in file order: ``(records, answers, hiddens)``, one entry per answer (the first
+    ``max_records`` records with hidden states). Each ``hiddens`` entry is a float16 ``[n, D]``
+    view of the memory-mapped sidecar (nothing is copied here: :meth:`HiddenSet.from_answers`
+    makes the one float32 copy). A record pointing past the sidecar or whose token and row
+    counts disagree is a :class:`DataError`."""
     rows = np.memmap(hidden_path(out_path), HIDDEN_DTYPE, "r").reshape(-1, dim)
     recs, answers, hiddens = [], [], []
     with open(out_path, encoding="utf-8") as f:
@@ -104,7 +106,7 @@ def read_hidden(out_path: str, dim: int, max_records: int | None = None
             recs.append(r)
             for t, n in zip(toks, h["rows"], strict=True):
                 answers.append(np.asarray(t, np.int32))
-                hiddens.append(np.asarray(rows[o: o + n], np.float32))
+                hiddens.append(rows[o: o + n])
                 o += n
     return recs, answers, hiddens
 

@@ -41,26 +41,33 @@ class HiddenSet:
         if len(hiddens) != len(answers):
             raise ValueError(f"from_answers: {len(hiddens)} hidden arrays but {len(answers)} answers")
         M = num_heads
-        hs, toks, teach, base = [], [], [], 0
-        for i, (h, a) in enumerate(zip(hiddens, answers, strict=True)):
-            h, a = np.asarray(h), np.asarray(a, np.int64).reshape(-1)
-            if h.ndim != 2 or h.shape[0] != a.shape[0]:
-                raise ValueError(f"from_answers: answer {i} has {a.shape[0]} tokens but hidden "
-                                 f"states of shape {h.shape} (need [{a.shape[0]}, D])")
+        shapes = [np.shape(h) for h in hiddens]
+        for i, (shp, a) in enumerate(zip(shapes, answers, strict=True)):
+            n = np.size(a)
+            if len(shp) != 2 or shp[0] != n:
+                raise ValueError(f"from_answers: answer {i} has {n} tokens but hidden "
+                                 f"states of shape {shp} (need [{n}, D])")
+        total = sum(shp[0] for shp in shapes)
+        if not total:
+            raise ValueError("from_answers: no answer has any token")
+        # one float32 array filled in place (the inputs may be float16 views of a sidecar:
+        # converting each and concatenating held two float32 copies of the whole set at once)
+        hs = np.empty((total, shapes[0][1]), np.float32)
+        toks, teach, base = [], [], 0
+        for h, a in zip(hiddens, answers, strict=True):
+            a = np.asarray(a, np.int64).reshape(-1)
             n = a.shape[0]
             if n == 0:
                 continue
+            hs[base: base + n] = h
             j = np.arange(n)[:, None] + np.arange(M + 1)[None, :]  # [n, M+1]: answer index
             toks.append(np.where(j < n, a[np.minimum(j, n - 1)], -1))
             # head k's target answers[j+k+1] is predicted at row j+k+1 (its teacher)
             tj = j[:, 1:]
             teach.append(np.where(tj < n, base + tj, -1))
-            hs.append(h.astype(np.float32))
             base += n
-        if not hs:
-            raise ValueError("from_answers: no answer has any token")
         tokens = np.concatenate(toks).astype(np.int32)
-        return cls(np.concatenate(hs), tokens[:, 1:].copy(), tokens,
+        return cls(hs, tokens[:, 1:].copy(), tokens,
                    np.concatenate(teach).astype(np.int32))
 
 
