@@ -129,6 +129,11 @@ def decode_until_free(params, state: RefillState, want_done, *, cfg: ModelConfig
     return jax.lax.while_loop(cond, body, state)
 
 
+@jax.jit
+def _rows(hidden, idx):
+    return jnp.take(hidden, idx, axis=0)
+
+
 def prompt_width(n: int) -> int:
     return -(-n // PROMPT_STEP) * PROMPT_STEP
 
@@ -184,10 +189,14 @@ class RefillingGenerator:
                 self.steps += int(state.step) - before
                 done = np.asarray(state.done)
             out, n_out = np.asarray(state.out), np.asarray(state.n_out)
-            for r in range(B):
-                if tags[r] is not None and done[r]:
-                    n = int(n_out[r])
-                    hid = (np.asarray(state.hidden[r, :n], np.float32) if self.keep_hidden
-                           else None)
-                    tag, tags[r] = tags[r], None
-                    yield tag, out[r, :n].tolist(), hid
+            free = [r for r in range(B) if tags[r] is not None and done[r]]
+            hid = None
+            if self.keep_hidden and free:
+                # the finished rows' states in one gather and one transfer; the row list padded
+                # to a power of two so that few gather shapes ever compile
+                idx = free + free[:1] * ((1 << (len(free) - 1).bit_length()) - len(free))
+                hid = np.asarray(_rows(state.hidden, jnp.asarray(idx, jnp.int32)), np.float32)
+            for j, r in enumerate(free):
+                n = int(n_out[r])
+                tag, tags[r] = tags[r], None
+                yield tag, out[r, :n].tolist(), None if hid is None else hid[j, :n]
