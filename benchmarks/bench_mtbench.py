@@ -40,7 +40,9 @@ def parse_args(argv=None):
                    help="Medusa heads (any layout load_heads reads), or 'fresh' (4 fresh heads); "
                         "default: the heads shipped for the default model")
     p.add_argument("--tree", default=None,
-                   help="predefined tree name or JSON file; default: the tree shipped with the "
+                   help="predefined tree name or JSON file, or heads:cpu / heads:gpu (the tree "
+                        "stored with the heads for that backend, e.g. the accelerator tree on a "
+                        "fixed subset of questions here); default: the tree shipped with the "
                         "heads for this backend (metadata 'trees'), else api.default_tree")
     p.add_argument("--torch-questions", type=int, default=10,
                    help="also run transformers generate (1 thread) on the first K questions "
@@ -79,7 +81,14 @@ def load_heads_and_tree(args, cfg):
     desc += (f": {mcfg.num_heads} heads x {mcfg.num_layers} ResBlock(s), "
              f"{'shared' if mcfg.shared_lm_head else 'own'} LM head, draft vocabulary "
              f"{mcfg.draft_size} tokens, {mcfg.param_dtype}")
-    if args.tree:
+    if args.tree and args.tree.startswith("heads:"):
+        backend = args.tree.split(":", 1)[1]
+        trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
+        if not isinstance(trees.get(backend), list):
+            raise SystemExit(f"--tree {args.tree}: the heads ({path}) store no {backend!r} tree "
+                             f"(they store: {', '.join(trees) or 'none'})")
+        name, spec = f"the heads' {backend} tree", trees[backend]
+    elif args.tree:
         name, spec = os.path.basename(args.tree), args.tree
     else:  # MedusaLM's own rule: the heads' tree for this backend, else the generic default
         trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
