@@ -81,9 +81,9 @@ def load_heads_and_tree(args, cfg):
     desc += (f": {mcfg.num_heads} heads x {mcfg.num_layers} ResBlock(s), "
              f"{'shared' if mcfg.shared_lm_head else 'own'} LM head, draft vocabulary "
              f"{mcfg.draft_size} tokens, {mcfg.param_dtype}")
+    trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
     if args.tree and args.tree.startswith("heads:"):
         backend = args.tree.split(":", 1)[1]
-        trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
         if not isinstance(trees.get(backend), list):
             raise SystemExit(f"--tree {args.tree}: the heads ({path}) store no {backend!r} tree "
                              f"(they store: {', '.join(trees) or 'none'})")
@@ -91,7 +91,6 @@ def load_heads_and_tree(args, cfg):
     elif args.tree:
         name, spec = os.path.basename(args.tree), args.tree
     else:  # MedusaLM's own rule: the heads' tree for this backend, else the generic default
-        trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
         spec = default_tree(mcfg, trees)
         name = "shipped with the heads" if trees.get("cpu") else "api.default_tree"
         name += f" ({spec})" if isinstance(spec, str) else ""
