@@ -86,7 +86,7 @@ def load_heads_and_tree(args, cfg):
         backend = args.tree.split(":", 1)[1]
         if not isinstance(trees.get(backend), list):
             raise SystemExit(f"--tree {args.tree}: the heads ({path}) store no {backend!r} tree "
-                             f"(they store: {', '.join(trees) or 'none'})")
+                             f"(they store: {', '.join(k for k, v in trees.items() if isinstance(v, list)) or 'none'})")
         name, spec = f"the heads' {backend} tree", trees[backend]
     elif args.tree:
         name, spec = os.path.basename(args.tree), args.tree
