@@ -59,42 +59,66 @@ def parse_args(argv=None):
     return a
 
 
-def load_heads_and_tree(args, cfg):
-    """(mcfg, head params, description, metadata, tree name, tree paths)."""
-    from medusa_jax.api import default_heads_path, default_tree
+def heads_metadata(path: str) -> dict:
+    """The metadata stored with the heads at ``path`` ({} for 'fresh' or another format)."""
+    from medusa_jax.weights.medusa_io import CheckpointError, read_heads_metadata
+
+    if path == "fresh":
+        return {}
+    try:
+        return read_heads_metadata(path)
+    except CheckpointError:
+        return {}  # not our format: no metadata
+
+
+def stored_trees(meta: dict) -> dict:
+    return meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
+
+
+def explicit_tree(args, path: str, meta: dict):
+    """The tree ``--tree`` names, as (name, paths), resolved before any weights load; None when
+    ``--tree`` is not given (the default depends on the heads' config). A tree that cannot be had
+    raises MedusaError naming it."""
+    from medusa_jax.errors import MedusaError
+    from medusa_jax.tree import get_tree
+
+    if not args.tree:
+        return None
+    if args.tree.startswith("heads:"):
+        backend, trees = args.tree.split(":", 1)[1], stored_trees(meta)
+        if not isinstance(trees.get(backend), list):
+            raise MedusaError(f"--tree {args.tree}: the heads ({path}) store no {backend!r} tree "
+                              f"(they store: {', '.join(k for k, v in trees.items() if isinstance(v, list)) or 'none'})")
+        return f"the heads' {backend} tree", get_tree(trees[backend])
+    return os.path.basename(args.tree), get_tree(args.tree)
+
+
+def load_heads_and_tree(args, cfg, path: str, meta: dict, tree):
+    """(mcfg, head params, description, tree name, tree paths); ``tree``: explicit_tree's."""
+    from medusa_jax.api import default_tree
     from medusa_jax.config import MedusaConfig
     from medusa_jax.model.heads import init_medusa_params
     from medusa_jax.tree import get_tree
-    from medusa_jax.weights.medusa_io import CheckpointError, load_heads, read_heads_metadata
+    from medusa_jax.weights.medusa_io import load_heads
 
-    path, meta = args.heads or default_heads_path(), {}
     if path == "fresh":
         mcfg = MedusaConfig.for_model(cfg, num_heads=4)
         mp, desc = init_medusa_params(mcfg), "fresh (`init_medusa_params`, zero ResBlocks)"
     else:
         mcfg, mp = load_heads(path, base_cfg=cfg)
         desc = f"`{path}`"
-        try:
-            meta = read_heads_metadata(path)
-        except CheckpointError:
-            meta = {}  # not our format: no metadata
     desc += (f": {mcfg.num_heads} heads x {mcfg.num_layers} ResBlock(s), "
              f"{'shared' if mcfg.shared_lm_head else 'own'} LM head, draft vocabulary "
              f"{mcfg.draft_size} tokens, {mcfg.param_dtype}")
-    trees = meta.get("trees") if isinstance(meta.get("trees"), dict) else {}
-    if args.tree and args.tree.startswith("heads:"):
-        backend = args.tree.split(":", 1)[1]
-        if not isinstance(trees.get(backend), list):
-            raise SystemExit(f"--tree {args.tree}: the heads ({path}) store no {backend!r} tree "
-                             f"(they store: {', '.join(k for k, v in trees.items() if isinstance(v, list)) or 'none'})")
-        name, spec = f"the heads' {backend} tree", trees[backend]
-    elif args.tree:
-        name, spec = os.path.basename(args.tree), args.tree
+    if tree is not None:
+        name, choices = tree
     else:  # MedusaLM's own rule: the heads' tree for this backend, else the generic default
+        trees = stored_trees(meta)
         spec = default_tree(mcfg, trees)
         name = "shipped with the heads" if trees.get("cpu") else "api.default_tree"
         name += f" ({spec})" if isinstance(spec, str) else ""
-    return mcfg, mp, desc, meta, name, get_tree(spec)
+        choices = get_tree(spec)
+    return mcfg, mp, desc, name, choices
 
 
 def totals(runs: list[dict]) -> dict:
@@ -310,6 +334,7 @@ def main(argv=None) -> int:
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.vanilla import generate
+    from medusa_jax.errors import MedusaError
     from medusa_jax.model.llama import convert_layout
     from medusa_jax.tree import build_tree
     from medusa_jax.weights import load_base_model
@@ -317,6 +342,13 @@ def main(argv=None) -> int:
     if args.heads is None and default_heads_path() is None:
         log("error: no Medusa heads are shipped for the default model: pass --heads PATH "
             "(trained heads) or --heads fresh")
+        return 2
+    heads_path = args.heads or default_heads_path()
+    meta = heads_metadata(heads_path)
+    try:  # a tree that cannot be had is refused before the model loads
+        tree = explicit_tree(args, heads_path, meta)
+    except MedusaError as e:
+        log(f"error: {e}")
         return 2
     model_path = mtok.resolve_model_path(args.model)
     tok = mtok.load_tokenizer(model_path)
@@ -329,7 +361,8 @@ def main(argv=None) -> int:
     pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                              pad_token_id=pad)
-    mcfg, mp, heads_desc, meta, tree_name, choices = load_heads_and_tree(args, cfg)
+    mcfg, mp, heads_desc, tree_name, choices = load_heads_and_tree(args, cfg, heads_path, meta,
+                                                                   tree)
     st = make_settings(choices, mcfg.num_heads, gen, acceptance="greedy")
     tb = build_tree(choices)
     params = {"base": base, "medusa": jax.device_put(mp)}

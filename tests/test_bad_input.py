@@ -302,3 +302,24 @@ def test_a_closed_pipe_ends_quietly():
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 1
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr
+
+
+@pytest.mark.parametrize("tree, message", [
+    ("heads:tpu", "store no 'tpu' tree (they store: cpu, gpu)"),
+    ("no-such-tree", "unknown tree 'no-such-tree'"),
+])
+def test_bench_mtbench_refuses_a_tree_it_cannot_have(tree, message, monkeypatch, capsys):
+    """The MT-bench benchmark: a --tree that cannot be had is one error, exit 2, before the base
+    model loads (it had exited 1 for heads:<backend>, after loading the model)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_mtbench
+
+    import medusa_jax.weights as weights
+
+    def no_load(*a, **k):
+        raise AssertionError("the base model was loaded before the check")
+
+    monkeypatch.setattr(weights, "load_base_model", no_load)
+    rc = bench_mtbench.main(["--tree", tree, "--questions", "1", "--out", os.devnull])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("error:") == 1
