@@ -76,9 +76,11 @@ def test_hbm_bytes_count_a_prefetched_weight_once():
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cpu_steps_copy_no_cache_sized_array(batch):
+    """Vanilla, a 64-node tree and a chain (the CPU tree: one path, so the committed path is a
+    constant; the cache was copied 4 times per step until the write depended on acceptance)."""
     cfg = tiny_config(scan_layers=False)
     mcfg = MedusaConfig.for_model(cfg, num_heads=4)
-    for mc, tree in ((None, None), (mcfg, "mc_sim_7b_63")):
+    for mc, tree in ((None, None), (mcfg, "mc_sim_7b_63"), (mcfg, [[0], [0, 0], [0, 0, 0]])):
         r = step_cost(cfg, mc, "cpu", tree=tree, batch=batch, cache_len=192, live=64)
         assert r.cache_copies == [], r.cache_copies
 

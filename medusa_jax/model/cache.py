@@ -58,11 +58,19 @@ class KVCache:
         One in-place ``dynamic_update_slice`` of ``P`` slots per row: no whole-cache copy or
         batch-axis transpose (a ``vmap`` of ``dynamic_update_slice`` over rows moved the batch
         axis to the front and back, and a scatter changed the cache's layout: whole-cache copies
-        every step when compiled for a TPU)."""
+        every step when compiled for a TPU).
+
+        A row with ``n == 0`` writes zeros (its slots past ``lengths`` stay garbage either way).
+        That select is what orders the write after the verification's reads of the cache: with
+        a single-path tree (a chain) ``path`` is a constant, the written K/V do not depend on
+        the last layer's read, and XLA copied the whole cache twice per step for K and for V
+        (unrolled layers on CPU: 4 cache-sized copies per step)."""
         B, P = path.shape
+        keep = (n > 0)[None, :, None, None, None]
 
         def put(cache, tree):
             picked = jnp.take_along_axis(tree, path[None, :, :, None, None], axis=2)  # [L, B, P, K, H]
+            picked = jnp.where(keep, picked, 0)
             picked = picked.transpose(0, 1, 3, 2, 4).astype(cache.dtype)  # [L, B, K, P, H]
             for b in range(B):
                 cache = jax.lax.dynamic_update_slice(cache, picked[:, b: b + 1],
