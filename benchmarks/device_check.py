@@ -7,19 +7,24 @@ are synthetic token ids, EOS is ignored, the perfect-draft proposer (``decoding/
 gives full acceptance and, for the SmolLM2 shape, the shipped heads give real proposals. In
 order of priority (a time budget skips what is left, and says so):
 
-1. 7B shape, batch 1: vanilla vs Medusa (oracle, 63-node tree) tokens/s and step time, with the
-   prefix attention by the default kernel and by the XLA loop; greedy equality (first
-   divergence, top-2 logit gap there).
-2. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
-   and one verification step (``medusa_jax.step_cost``) beside the roofline and the measured step.
-3. SmolLM2 shape, shipped heads: step time and acceptance per tree size, batch 1 and 8.
+1. 7B shape, batch 1: vanilla vs Medusa (oracle, 63-node tree) tokens/s and step time with the
+   default prefix reader (if the default kernel fails there, the XLA loop instead, and the
+   failure is in the report); greedy equality (first divergence, top-2 logit gap there).
+2. SmolLM2 shape, shipped heads, batch 1: step time and acceptance per tree size.
+3. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
+   and one verification step (``medusa_jax.step_cost``) beside the roofline and the measured
+   step; then the 7B shape's first runs with the other prefix reader (the kernel vs the XLA
+   loop); then the SmolLM2 shape at batch 8.
 4. 7B shape: step time per tree size (batch 1), chain and 63-node trees at batch 8.
 5. XLA settings as measured variants, each in a fresh process (flags act at backend start):
    command buffers for the decode loop's while/conditional, a persistent compilation cache
    (cold, then warm), a larger client memory fraction.
 
 Sections 1-4 run in one child process and each variant in another: the calling process never
-starts a backend, so no process holds the GPU's preallocated memory while another needs it.
+starts a backend, so no process holds the GPU's preallocated memory while another needs it. A
+run that fails is recorded under ``errors`` and the plan goes on; the children's progress lines
+and tracebacks are appended to ``log_main.txt`` / ``log_variants.txt`` in the output folder as
+they come, so a call cut short still shows how far it got.
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out`` (default ``$OUT``, else
 ``runs/device_check``). ``--smoke`` runs the same plan on tiny shapes on a CPU in about a minute
@@ -49,6 +54,7 @@ VARIANTS = {  # name -> environment changes (applied before jax starts, in a fre
     "compile_cache_warm": {"JAX_COMPILATION_CACHE_DIR": "{cache}"},
 }
 SMOKE_VARIANTS = ("command_buffer",)
+CACHE_ROOT = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"medusa_device_check_{os.getpid()}")
 
 
 class CheckError(ValueError):
@@ -265,89 +271,166 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
 
     report["attention_impl"] = resolve_impl("auto")
     runs = report["runs"]
+    report["errors"] = []
 
-    def record(model: str, r: dict, **extra):
-        runs.append({"model": model, **_strip(r), **extra})
+    def save_now():
         if save is not None:
             with open(save, "w") as f:
                 json.dump(report, f)
+
+    def log(msg: str):  # progress in the log that travels back, even if the call is cut short
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def record(model: str, r: dict | None, **extra):
+        if r is not None:
+            runs.append({"model": model, **_strip(r), **extra})
+            log(f"{model} {r['kind']} b{r['batch']} {r['tree_nodes']} nodes: "
+                f"{r['tok_s']:.1f} tok/s, {r['step_ms']:.2f} ms/step, "
+                f"accepted {r['mean_accepted']:.2f}, compile {r['compile_s']:.1f}s")
+        save_now()
         return r
+
+    def attempt(what: str, fn, *a, **k):
+        """One measurement; a failure is recorded (and the plan goes on), not a lost report."""
+        log(f"start {what}")
+        try:
+            return fn(*a, **k)
+        except Exception as e:
+            report["errors"].append(f"{what}: {type(e).__name__}: {str(e)[:800]}")
+            log(f"FAILED {what}: {type(e).__name__}: {str(e)[:300]}")
+            save_now()
+            return None
 
     def record_medusa(m: Model, batch: int, pb, van: dict, nodes: int, proposer: str):
         """One Medusa run, recorded, with its greedy equality against ``van``."""
         ref = van["tokens"] if proposer == "oracle" else None
-        r = record(m.name, run_medusa(m, pb, plan.max_new, nodes, proposer, ref))
-        report["equality"][f"{m.name} b{batch} {proposer} {nodes}"] = first_divergence(
-            m, pb, van["tokens"], r["tokens"])
+        what = f"{m.name} b{batch} {proposer} {nodes}"
+        r = record(m.name, attempt(what, run_medusa, m, pb, plan.max_new, nodes, proposer, ref))
+        if r is not None:
+            eq = attempt(f"equality {what}", first_divergence, m, pb, van["tokens"], r["tokens"])
+            if eq is not None:
+                report["equality"][what] = eq
+        save_now()
+        return r
 
     # 1. the big shape at batch 1: vanilla vs Medusa (oracle, 63-node tree)
     big = Model(plan.big, plan.dtype)
+    log(f"built {plan.big} in {big.build_s:.1f}s")
     report["build_s"] = {plan.big: big.build_s}
     p1 = _prompts(big.cfg, 1, plan.prompt_len)
-    van1 = record(plan.big, run_vanilla(big, p1, plan.max_new), impl=report["attention_impl"])
-    med1 = record(plan.big, run_medusa(big, p1, plan.max_new, 64, "oracle", van1["tokens"]),
-                  impl=report["attention_impl"])
-    report["equality"][f"{plan.big} b1 oracle 64"] = first_divergence(big, p1, van1["tokens"],
-                                                                      med1["tokens"])
-    # the other prefix reader on this hardware (the kernel vs the XLA loop)
-    other = "xla" if report["attention_impl"] != "xla" else \
-        {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
-    if other and not smoke and budget.ok(f"{plan.big} attention_impl={other}", 60):
-        alt = big.with_impl(other)
-        record(plan.big, run_vanilla(alt, p1, plan.max_new), impl=other)
-        record(plan.big, run_medusa(alt, p1, plan.max_new, 64, "oracle", van1["tokens"]),
-               impl=other)
+    impl = report["attention_impl"]
+    van1 = record(plan.big, attempt(f"{plan.big} b1 vanilla {impl}", run_vanilla, big, p1,
+                                    plan.max_new), impl=impl)
+    if van1 is None and impl != "xla":  # the default kernel failed here: measure the XLA loop
+        impl = report["attention_impl"] = "xla"
+        big = big.with_impl("xla")
+        van1 = record(plan.big, attempt(f"{plan.big} b1 vanilla xla", run_vanilla, big, p1,
+                                        plan.max_new), impl=impl)
+    if van1 is None:
+        raise RuntimeError("the first vanilla run failed: " + " | ".join(report["errors"]))
+    med1 = record(plan.big, attempt(f"{plan.big} b1 oracle 64 {impl}", run_medusa, big, p1,
+                                    plan.max_new, 64, "oracle", van1["tokens"]), impl=impl)
+    if med1 is not None:
+        eq = attempt("equality big", first_divergence, big, p1, van1["tokens"], med1["tokens"])
+        if eq is not None:
+            report["equality"][f"{plan.big} b1 oracle 64"] = eq
+        save_now()
 
-    # 2. compiler figures beside the roofline and the measured steps
-    if budget.ok("compiler figures", 60):
-        target = "cpu" if backend == "cpu" else "gpu" if backend == "gpu" else backend
-        try:
-            report["compiler"] = compiler_figures(
-                big, 64, {"vanilla": van1["step_ms"], "medusa": med1["step_ms"]}, target)
-        except Exception as e:  # a figure that cannot be read is a note, not a lost report
-            report["compiler"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
-
-    # 3. the small shape with its heads: step time and acceptance per tree size
+    # 2. the small shape with its heads, batch 1: step time and acceptance per tree size (the
+    # issue's second target, so before the rest)
     small = big if plan.small == plan.big else None
-    for batch in plan.batches:
+
+    def small_shape(batch: int):
+        nonlocal small
         if not budget.ok(f"{plan.small} batch {batch}", 45):
-            continue
-        small = small or Model(plan.small, plan.dtype)
+            return
+        if small is None:
+            small = attempt(f"build {plan.small}", Model, plan.small, plan.dtype)
+            if small is None:
+                return
         report["build_s"][plan.small] = small.build_s
         pb = _prompts(small.cfg, batch, plan.prompt_len, seed=batch)
-        van = record(plan.small, run_vanilla(small, pb, plan.max_new))
+        van = record(plan.small, attempt(f"{plan.small} b{batch} vanilla", run_vanilla, small,
+                                         pb, plan.max_new))
+        if van is None:
+            return
         sizes = plan.tree_sizes if batch == 1 else (5, 64)
         for nodes in sizes:
-            if not budget.ok(f"{plan.small} batch {batch} heads {nodes}", 20):
-                continue
-            record_medusa(small, batch, pb, van, nodes, "heads")
+            if budget.ok(f"{plan.small} batch {batch} heads {nodes}", 20):
+                record_medusa(small, batch, pb, van, nodes, "heads")
         for nodes in (5, 64):
             if budget.ok(f"{plan.small} batch {batch} oracle {nodes}", 20):
                 record_medusa(small, batch, pb, van, nodes, "oracle")
+
+    small_shape(plan.batches[0])
+
+    # 3. compiler figures beside the roofline and the measured steps
+    if budget.ok("compiler figures", 60):
+        target = "cpu" if backend == "cpu" else "gpu" if backend == "gpu" else backend
+        log("start compiler figures")
+        try:
+            report["compiler"] = compiler_figures(
+                big, 64, {"vanilla": van1["step_ms"],
+                          "medusa": med1["step_ms"] if med1 else None}, target)
+        except Exception as e:  # a figure that cannot be read is a note, not a lost report
+            report["compiler"] = [{"error": f"{type(e).__name__}: {e}"[:400]}]
+        save_now()
+
+    # the other prefix reader on this hardware (the kernel vs the XLA loop)
+    other = "xla" if impl != "xla" else {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+    if other and not smoke and budget.ok(f"{plan.big} attention_impl={other}", 60):
+        alt = big.with_impl(other)
+        record(plan.big, attempt(f"{plan.big} b1 vanilla {other}", run_vanilla, alt, p1,
+                                 plan.max_new), impl=other)
+        record(plan.big, attempt(f"{plan.big} b1 oracle 64 {other}", run_medusa, alt, p1,
+                                 plan.max_new, 64, "oracle", van1["tokens"]), impl=other)
+
+    for batch in plan.batches[1:]:
+        small_shape(batch)
 
     # 4. the big shape: step time per tree size at batch 1, chain and 63-node at batch 8 (with
     # one shape for both, as in the smoke run, section 3 measured these already)
     for nodes in plan.tree_sizes if plan.small != plan.big else ():
         if nodes != 64 and budget.ok(f"{plan.big} batch 1 oracle {nodes}", 40):
-            record(plan.big, run_medusa(big, p1, plan.max_new, nodes, "oracle", van1["tokens"]))
+            record(plan.big, attempt(f"{plan.big} b1 oracle {nodes}", run_medusa, big, p1,
+                                     plan.max_new, nodes, "oracle", van1["tokens"]))
     for batch in plan.batches[1:] if plan.small != plan.big else ():
         if not budget.ok(f"{plan.big} batch {batch}", 90):
             continue
         pb = _prompts(big.cfg, batch, plan.prompt_len, seed=batch)
-        van = record(plan.big, run_vanilla(big, pb, plan.max_new))
-        for nodes in (5, 64):
+        van = record(plan.big, attempt(f"{plan.big} b{batch} vanilla", run_vanilla, big, pb,
+                                       plan.max_new))
+        for nodes in ((5, 64) if van is not None else ()):
             if budget.ok(f"{plan.big} batch {batch} oracle {nodes}", 40):
                 record_medusa(big, batch, pb, van, nodes, "oracle")
     return report
 
 
-def run_child(args: list[str], env: dict, timeout: float) -> tuple[int, str, str]:
+def run_child(args: list[str], env: dict, timeout: float, log: str | None = None
+              ) -> tuple[int, str, str]:
+    """Run this script as a child; its stderr (progress lines, tracebacks) is also appended to
+    ``log`` as it comes, so a call cut short still brings back how far it got."""
+    import tempfile
+
     cmd = [sys.executable, os.path.abspath(__file__), *args]
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 5))
-    except subprocess.TimeoutExpired:
-        return 124, "", f"timed out after {timeout:.0f}s"
-    return p.returncode, p.stdout, p.stderr
+    with tempfile.TemporaryFile("w+") as tmp:
+        sink = open(log, "a") if log else tmp
+        try:
+            p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=sink, text=True,
+                               timeout=max(timeout, 5))
+            rc, out = p.returncode, p.stdout
+        except subprocess.TimeoutExpired:
+            rc, out = 124, ""
+        if log:
+            sink.close()
+            with open(log) as f:
+                err = f.read()
+        else:
+            tmp.seek(0)
+            err = tmp.read()
+    if rc == 124:
+        err += f"\ntimed out after {timeout:.0f}s"
+    return rc, out, err
 
 
 # ------------------------------------------------------------------------------ variants
@@ -363,7 +446,7 @@ def variant_measure(plan: Plan) -> dict:
 
 def run_variant(name: str, smoke: bool, out_dir: str, timeout: float) -> dict:
     env = dict(os.environ)
-    cache = os.path.join(out_dir, "jax_cache")
+    cache = os.path.join(CACHE_ROOT, "jax_cache")  # not under $OUT: only 8 files come back
     for k, v in VARIANTS[name].items():
         v = v.format(cache=cache)
         env[k] = f"{env.get(k, '')} {v}".strip() if k == "XLA_FLAGS" else v
@@ -374,7 +457,8 @@ def run_variant(name: str, smoke: bool, out_dir: str, timeout: float) -> dict:
     if name.startswith("compile_cache"):
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
         env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    rc, out, err = run_child(["--variant", name] + (["--smoke"] if smoke else []), env, timeout)
+    rc, out, err = run_child(["--variant", name] + (["--smoke"] if smoke else []), env, timeout,
+                             log=os.path.join(out_dir, "log_variants.txt"))
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if rc != 0 or not lines:
         return {"env": VARIANTS[name], "error": f"exit {rc}: {err[-600:]}"}
@@ -441,6 +525,9 @@ def markdown(rep: dict) -> str:
                  f"{comp:.1f} | {v['wall_s']:.1f} |")
     if rep["skipped"]:
         L += ["", "Skipped (time budget): " + ", ".join(rep["skipped"])]
+    if rep.get("errors"):
+        L += ["", "Runs that failed (the plan went on without them):", ""]
+        L += [f"- `{e[:600]}`" for e in rep["errors"]]
     if rep.get("error"):
         L += ["", "**The measurements stopped early:**", "", "```", rep["error"], "```"]
     return "\n".join(L) + "\n"
@@ -510,7 +597,10 @@ def main(argv=None) -> int:
     base = ["--smoke"] if args.smoke else []
     if args.budget_s is not None:
         base += ["--budget-s", str(args.budget_s)]
-    rc, _, err = run_child(["--part", part, *base], dict(os.environ), plan.budget_s + 300)
+    log = os.path.join(out, "log_main.txt")
+    if os.path.exists(log):
+        os.remove(log)
+    rc, _, err = run_child(["--part", part, *base], dict(os.environ), plan.budget_s + 300, log=log)
     errs = [ln for ln in err.splitlines() if ln.startswith("error:")]
     if rc == 2 and errs:  # the child's one clear line (no accelerator)
         print(errs[-1], file=sys.stderr)
