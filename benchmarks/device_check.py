@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -57,6 +58,9 @@ SMOKE_VARIANTS = ("command_buffer",)
 CACHE_ROOT = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"medusa_device_check_{os.getpid()}")
 
 
+# default share of the budget the measurements (sections 1-4) may use; the variants get the rest
+MAIN_SHARE = 0.6
+
 class CheckError(ValueError):
     """Bad input for the device check (one ``error:`` line, exit 2)."""
 
@@ -71,17 +75,16 @@ class Plan:
     batches: tuple[int, ...]
     tree_sizes: tuple[int, ...]  # nodes with the root
     budget_s: float
+    main_share: float = MAIN_SHARE
 
 
-def make_plan(smoke: bool, budget_s: float | None) -> Plan:
+def make_plan(smoke: bool, budget_s: float | None, main_share: float | None = None) -> Plan:
+    share = MAIN_SHARE if main_share is None else main_share
     if smoke:
-        return Plan("tiny", "tiny", "float32", 12, 8, (1, 2), (5, 64), budget_s or 900)
+        return Plan("tiny", "tiny", "float32", 12, 8, (1, 2), (5, 64), budget_s or 900, share)
     return Plan("llama2-7b", "smollm2-135m", "bfloat16", 128, 32, (1, 8), (5, 16, 32, 64),
-                budget_s or 400)
+                budget_s or 400, share)
 
-
-# share of the budget the measurements (sections 1-4) may use; the variants get the rest
-MAIN_SHARE = 0.6
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -182,14 +185,8 @@ def first_divergence(m: Model, prompts, vanilla, other) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from medusa_jax.model import llama
 
-    @jax.jit
-    def last_logits(params, seq, n):  # right padding is invisible to a causal forward
-        h, _ = llama.forward(m.cfg, params, seq)
-        h = jax.lax.dynamic_index_in_dim(h[0], n - 1, keepdims=False)
-        return llama.logits(m.cfg, params, h)
-
+    last_logits = _last_logits(m.cfg)  # one compile per model, not per divergence
     width = max(len(p) for p in prompts) + max(len(v) for v in vanilla)
     rows = []
     for b, (v, o) in enumerate(zip(vanilla, other, strict=True)):
@@ -205,6 +202,21 @@ def first_divergence(m: Model, prompts, vanilla, other) -> dict:
         rows.append({"row": b, "identical": False, "first_divergence": k,
                      "top2_gap": float(top2[1] - top2[0])})
     return {"identical_rows": sum(r["identical"] for r in rows), "rows": rows}
+
+
+@functools.lru_cache(maxsize=4)
+def _last_logits(cfg):
+    import jax
+
+    from medusa_jax.model import llama
+
+    @jax.jit
+    def last_logits(params, seq, n):  # right padding is invisible to a causal forward
+        h, _ = llama.forward(cfg, params, seq)
+        h = jax.lax.dynamic_index_in_dim(h[0], n - 1, keepdims=False)
+        return llama.logits(cfg, params, h)
+
+    return last_logits
 
 
 def compiler_figures(m: Model, nodes: int, measured: dict, target: str) -> list[dict]:
@@ -258,7 +270,7 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
     ``save`` after every run, so a crash late in the plan keeps what was measured."""
     import jax
 
-    budget = Budget(plan.budget_s * MAIN_SHARE)
+    budget = Budget(plan.budget_s * plan.main_share)
     backend = jax.default_backend()
     report: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -541,6 +553,9 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new sections after this many seconds (default 420; "
                    "240 in smoke mode)")
+    p.add_argument("--main-share", type=float, default=None,
+                   help=f"share of the budget for the measurements, the XLA variants get the rest "
+                   f"(default {MAIN_SHARE})")
     p.add_argument("--no-variants", action="store_true", help="skip the XLA-setting processes")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # a variant's own process
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # sections 1-4: --part FILE
@@ -576,7 +591,9 @@ def main(argv=None) -> int:
             raise CheckError(f"unknown variant {args.variant!r} ({', '.join(VARIANTS)})")
         if args.budget_s is not None and not args.budget_s > 0:
             raise CheckError(f"--budget-s must be > 0, got {args.budget_s}")
-        plan = make_plan(args.smoke, args.budget_s)
+        if args.main_share is not None and not 0 < args.main_share <= 1:
+            raise CheckError(f"--main-share must be in (0, 1], got {args.main_share}")
+        plan = make_plan(args.smoke, args.budget_s, args.main_share)
         if args.variant is not None or args.part is not None:
             return child(args, plan)
         out = args.out or os.environ.get("OUT") or os.path.join(REPO, "runs", "device_check")
@@ -597,6 +614,8 @@ def main(argv=None) -> int:
     base = ["--smoke"] if args.smoke else []
     if args.budget_s is not None:
         base += ["--budget-s", str(args.budget_s)]
+    if args.main_share is not None:
+        base += ["--main-share", str(args.main_share)]
     log = os.path.join(out, "log_main.txt")
     if os.path.exists(log):
         os.remove(log)
