@@ -234,6 +234,26 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_readable(
     assert "Traceback" not in err and "Exception ignored" not in err
 
 
+def test_orbax_leftover_future_records_are_dropped_and_others_kept(caplog):
+    """The fallback above depends on when orbax's abandoned futures are collected; this checks
+    the filter itself on the records asyncio writes then (CI once logged an OCDBT read failure
+    with no "TensorStore" in its text), and that an unrelated asyncio error still passes."""
+    from medusa_jax.training import checkpoint as ckpt_mod
+
+    ckpt_mod._drop_orbax_leftovers()
+    log = logging.getLogger("asyncio")
+    ocdbt = ValueError('FAILED_PRECONDITION: Error reading "opt_state.mu/0.0.0.0" in OCDBT '
+                       'database at local file "/x/3/state/": Truncated Zstd-compressed stream')
+    tstore = ValueError("OUT_OF_RANGE: TensorStore read failed")
+    other = ValueError("something else went wrong")
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for exc in (ocdbt, tstore, other):
+            log.error("Future exception was never retrieved\nfuture: <Future finished "
+                      "exception=%r>", exc, exc_info=(type(exc), exc, None))
+    kept = [r.exc_info[1] for r in caplog.records if r.name == "asyncio"]
+    assert kept == [other]
+
+
 def test_medusa1_keeps_the_base_bit_identical_and_exports(tmp_path, data_file, cache_dir):
     tr = Trainer(config(tmp_path, data_file, cache_dir, STEPS))
     summary = tr.run()

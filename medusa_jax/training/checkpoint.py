@@ -129,11 +129,18 @@ def _drop_orbax_leftovers() -> None:
     _hook_installed = True
 
 
+# how a storage-layer read failure names itself: TensorStore's own errors, or the OCDBT
+# database orbax's checkpoints are written in (a truncated or missing chunk reads as
+# 'Error reading "<leaf>" in OCDBT database at local file ...', with no "TensorStore" in it)
+_STORAGE_ERROR_MARKS = ("TensorStore", "OCDBT database")
+
+
 class _OrbaxFutureFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         text = f"{record.getMessage()} {exc!r}"
-        return not ("exception was never retrieved" in text and "TensorStore" in text)
+        return not ("exception was never retrieved" in text
+                    and any(mark in text for mark in _STORAGE_ERROR_MARKS))
 
 
 @contextlib.contextmanager
