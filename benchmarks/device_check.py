@@ -9,8 +9,12 @@ order of priority (a time budget skips what is left, and says so):
 
 1. 7B shape, batch 1: vanilla vs Medusa (oracle, 63-node tree) tokens/s and step time with the
    default prefix reader (if the default kernel fails there, the XLA loop instead, and the
-   failure is in the report); greedy equality (first divergence, top-2 logit gap there).
-2. SmolLM2 shape, shipped heads, batch 1: step time and acceptance per tree size.
+   failure is in the report); greedy equality (first divergence, top-2 logit gap there). The
+   oracle reruns on its own output when bf16 takes it off vanilla's path (a flipped near-tie),
+   and the same program runs with every guess wrong ("oracle-miss"): the step time of full
+   acceptance beside that of none.
+2. SmolLM2 shape, shipped heads, batch 1: step time and acceptance per tree size (oracle and
+   oracle-miss for the chain and the 63-node tree).
 3. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
    and one verification step (``medusa_jax.step_cost``) beside the roofline and the measured
    step; then the 7B shape's first runs with the other prefix reader (the kernel vs the XLA
@@ -155,7 +159,26 @@ def run_vanilla(m: Model, prompts, max_new: int) -> dict:
             "mean_accepted": 1.0, "compile_s": compile_s + res["compile_seconds"]}
 
 
-def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, reference=None) -> dict:
+# passes of the oracle at most: the first reads vanilla's tokens, each later one Medusa's own
+ORACLE_PASSES = 3
+
+
+def _follows(tokens, reference) -> bool:
+    return all(list(t) == list(r[:len(t)]) for t, r in zip(tokens, reference))
+
+
+def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, reference=None,
+               passes: int = ORACLE_PASSES) -> dict:
+    """One Medusa run (compile + warm-up, then measured). ``proposer``: ``heads``, ``oracle``
+    or ``oracle-miss`` (the oracle's program with a reference that is wrong everywhere: its step
+    time beside the oracle's is what accepting the full depth costs). With the oracle, ``reference`` is
+    vanilla's greedy output; in bf16 the tree's verification can flip a near-tie (a top-2 gap
+    of 0), after which the reference is no longer the path Medusa is on and every later step
+    accepts only the root. So when the output leaves the reference, the run is repeated with
+    its own output as the reference (same shapes: no recompile), up to ``passes`` runs; the
+    last one is reported, with ``oracle_passes`` and the first pass's acceptance."""
+    import numpy as np
+
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.oracle import oracle_proposer, with_reference
@@ -163,19 +186,31 @@ def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, refer
     gen = GenerationSettings(max_new_tokens=max_new, eos_token_ids=())
     st = make_settings(_tree(nodes), m.mcfg.num_heads, gen)
     params, propose = m.params, None
-    if proposer == "oracle":
+    if proposer == "oracle-miss":  # the same program, every guess wrong: only the root accepted
+        reference, passes = (np.asarray(reference, np.int64) + 1) % m.cfg.vocab_size, 1
+    if proposer in ("oracle", "oracle-miss"):
         params = with_reference(m.params, reference)
         propose = oracle_proposer(st.tree.depth, st.tree.topk)
     compile_s = medusa_generate(m.cfg, m.mcfg, params, prompts, st,
                                 propose=propose)["compile_seconds"]  # + warm-up
     res = medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
+    extra = {}
+    if proposer in ("oracle", "oracle-miss"):
+        extra = {"oracle_passes": 1,
+                 "oracle_first_accepted": float(sum(res["mean_accepted"]) / len(prompts))}
+        while extra["oracle_passes"] < passes and not _follows(res["tokens"], reference):
+            width = max(len(t) for t in res["tokens"])
+            reference = [list(t) + [0] * (width - len(t)) for t in res["tokens"]]
+            params = with_reference(m.params, reference)
+            res = medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
+            extra["oracle_passes"] += 1
     n = sum(len(t) for t in res["tokens"])
     dec, steps = res["decode_seconds"], max(res["steps"])
     return {"kind": f"medusa-{proposer}", "batch": len(prompts), "tree_nodes": st.tree.num_nodes,
             "tokens": res["tokens"], "tok_s": n / dec if dec else 0.0,
             "step_ms": 1e3 * dec / max(steps, 1),
             "mean_accepted": float(sum(res["mean_accepted"]) / len(prompts)),
-            "compile_s": compile_s + res["compile_seconds"]}
+            "compile_s": compile_s + res["compile_seconds"], **extra}
 
 
 def first_divergence(m: Model, prompts, vanilla, other) -> dict:
@@ -347,6 +382,9 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
         if eq is not None:
             report["equality"][f"{plan.big} b1 oracle 64"] = eq
         save_now()
+        if budget.ok(f"{plan.big} b1 oracle-miss 64", 10):  # compiled already: seconds
+            record(plan.big, attempt(f"{plan.big} b1 oracle-miss 64 {impl}", run_medusa, big, p1,
+                                     plan.max_new, 64, "oracle-miss", van1["tokens"]), impl=impl)
 
     # 2. the small shape with its heads, batch 1: step time and acceptance per tree size (the
     # issue's second target, so before the rest)
@@ -372,7 +410,11 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
                 record_medusa(small, batch, pb, van, nodes, "heads")
         for nodes in (5, 64):
             if budget.ok(f"{plan.small} batch {batch} oracle {nodes}", 20):
-                record_medusa(small, batch, pb, van, nodes, "oracle")
+                if record_medusa(small, batch, pb, van, nodes, "oracle") is not None \
+                        and batch == 1 and budget.ok(f"{plan.small} b1 oracle-miss {nodes}", 5):
+                    record(plan.small, attempt(f"{plan.small} b1 oracle-miss {nodes}", run_medusa,
+                                               small, pb, plan.max_new, nodes, "oracle-miss",
+                                               van["tokens"]))
 
     small_shape(plan.batches[0])
 
@@ -479,11 +521,29 @@ def run_variant(name: str, smoke: bool, out_dir: str, timeout: float) -> dict:
 
 # -------------------------------------------------------------------------------- output
 def _commit() -> str:
+    """The commit measured: ``$MEDUSA_COMMIT`` when the caller names it (a working tree copied
+    to a device may carry a stale ``.git``: the first H200 reports named a commit older than
+    the code they ran), else git's HEAD, marked ``+dirty`` when tracked files differ from it."""
+    named = os.environ.get("MEDUSA_COMMIT", "").strip()
+    if named:
+        return named
     try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+        git = ["git", "-C", REPO]
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "?"
+    return (head + ("+dirty" if dirty else "")) if head else "?"
+
+
+def _accepted(r: dict) -> str:
+    """Accepted per step; for an oracle run repeated on its own output, which pass it is."""
+    text = f"{r['mean_accepted']:.2f}"
+    if r.get("oracle_passes", 1) > 1:
+        text += f" (pass {r['oracle_passes']}; first {r['oracle_first_accepted']:.2f})"
+    return text
 
 
 def markdown(rep: dict) -> str:
@@ -498,7 +558,7 @@ def markdown(rep: dict) -> str:
     for r in rep["runs"]:
         L.append(f"| {r['model']} | {r['kind']} | {r.get('impl', rep['attention_impl'])} | "
                  f"{r['batch']} | {r['tree_nodes']} | {r['tok_s']:.1f} | {r['step_ms']:.2f} | "
-                 f"{r['mean_accepted']:.2f} | {r['compile_s']:.1f} |")
+                 f"{_accepted(r)} | {r['compile_s']:.1f} |")
     L += ["", "Speedup (Medusa tok/s over vanilla tok/s, same model, batch and impl):", ""]
     van = {(r["model"], r["batch"], r.get("impl")): r for r in rep["runs"] if r["kind"] == "vanilla"}
     for r in rep["runs"]:
