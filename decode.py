@@ -253,6 +253,9 @@ def run(args) -> int:
     from medusa_jax.api import MedusaLM
 
     prompts, ids, (model, heads, tokenizer), acceptance = check_inputs(args)
+    from medusa_jax.user_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # compiled decode loops are kept between runs ($MEDUSA_JAX_CACHE)
     if args.random_weights:
         lm = MedusaLM.from_preset(args.preset, medusa=heads, dtype=args.dtype,
                                   scan_layers=args.scan_layers)

@@ -13,6 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # process probe for TPU chips first; the suite runs on CPU devices.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the package's user cache (built tokenizers) in a folder of this run, not the user's ~/.cache
+if "MEDUSA_JAX_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MEDUSA_JAX_CACHE"] = tempfile.mkdtemp(prefix="medusa_jax_cache_")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -60,6 +60,54 @@ def tokenizers(real_gguf_path):
     return gguf_tokenizer(real_gguf_path), ref
 
 
+def test_the_cached_tokenizer_equals_the_built_one(tokenizers, real_gguf_path, tmp_path,
+                                                   monkeypatch):
+    """The first load builds the tokenizer from the GGUF file and saves it under the user cache;
+    a later load reads it back without building (the builder is made to fail) and tokenizes,
+    decodes and renders chats as transformers' own does; a damaged entry is rebuilt; with the
+    cache off nothing is written."""
+    from medusa_jax import tokenizer as T
+
+    _, ref = tokenizers
+    monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path / "c"))
+    cold = T.gguf_tokenizer(real_gguf_path)
+    entry = T.user_cache_dir("tokenizers", T._tokenizer_cache_key(real_gguf_path))
+    assert os.path.isfile(os.path.join(entry, "tokenizer.json"))
+    build = T._build_gguf_tokenizer
+
+    def no_build(*a):
+        raise AssertionError("built again instead of read from the cache")
+
+    monkeypatch.setattr(T, "_build_gguf_tokenizer", no_build)
+    warm = T.gguf_tokenizer(real_gguf_path)
+    assert warm.name_or_path == cold.name_or_path == real_gguf_path
+    chat = [{"role": "user", "content": "Name three colours."}]
+    for tok in (cold, warm):
+        assert tok.chat_template == ref.chat_template
+        assert tok.all_special_tokens == ref.all_special_tokens
+        assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == \
+            (ref.bos_token, ref.eos_token, ref.pad_token, ref.unk_token)
+        assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+            ref.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    for text in _corpus()[::4]:
+        for special in (True, False):
+            assert warm.encode(text, add_special_tokens=special) == \
+                ref.encode(text, add_special_tokens=special), repr(text)
+        ids = ref.encode(text, add_special_tokens=False)
+        assert warm.decode(ids) == ref.decode(ids), repr(text)
+    # a damaged entry is rebuilt and replaced
+    with open(os.path.join(entry, "tokenizer.json"), "w") as f:
+        f.write("{not json")
+    monkeypatch.setattr(T, "_build_gguf_tokenizer", build)
+    assert T.gguf_tokenizer(real_gguf_path).encode("hello") == ref.encode("hello")
+    json.load(open(os.path.join(entry, "tokenizer.json")))
+    # the cache turned off: nothing is written
+    monkeypatch.setenv("MEDUSA_JAX_CACHE", "off")
+    assert T.user_cache_dir("tokenizers") is None
+    T.gguf_tokenizer(real_gguf_path)
+    assert sorted(os.listdir(tmp_path / "c" / "tokenizers")) == [os.path.basename(entry)]
+
+
 def test_gguf_tokenizer_equals_transformers(tokenizers):
     ours, ref = tokenizers
     texts = _corpus()
