@@ -19,6 +19,8 @@ import struct
 
 import numpy as np
 
+from medusa_jax.weights.errors import CheckpointError
+
 # GGUF value types (gguf-py's GGUFValueType)
 _UINT8, _INT8, _UINT16, _INT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY, _UINT64, \
     _INT64, _FLOAT64 = range(13)
@@ -32,8 +34,9 @@ _TYPED = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32,
           28: np.float64}
 
 
-class Unsupported(ValueError):
-    """Not a header this reader handles (big-endian, another version, or damaged)."""
+class Unsupported(CheckpointError):
+    """Not a header this reader handles (big-endian, another version, or damaged). Caught by
+    :mod:`.gguf`, which then asks gguf-py; a CheckpointError like every package error."""
 
 
 @dataclasses.dataclass(frozen=True)
