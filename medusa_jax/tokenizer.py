@@ -128,8 +128,10 @@ def _tokenizer_cache_key(path: str) -> str:
     import tokenizers
     import transformers
 
-    st = os.stat(path)
-    ident = f"{os.path.abspath(path)}|{st.st_mtime_ns}|{st.st_size}|{transformers.__version__}|" \
+    from medusa_jax.weights.gguf import _identity
+
+    mtime_ns, size = _identity(path)
+    ident = f"{os.path.abspath(path)}|{mtime_ns}|{size}|{transformers.__version__}|" \
             f"{tokenizers.__version__}"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]
 

@@ -74,7 +74,7 @@ class _Cursor:
         end = self.pos + n
         if end > len(self.buf):
             raise Unsupported(f"a string of {n} bytes runs past the end at byte {self.pos}")
-        s = bytes(self.buf[self.pos:end]).decode("utf-8", errors="replace")
+        s = self.buf[self.pos:end].decode("utf-8", errors="replace")  # an mmap slice is bytes
         self.pos = end
         return s
 
@@ -112,7 +112,7 @@ def read_header(path: str) -> Header:
         except ValueError as e:  # an empty file cannot be mapped
             raise Unsupported(str(e)) from e
     cur = _Cursor(buf)
-    if bytes(buf[:4]) != b"GGUF":
+    if buf[:4] != b"GGUF":
         raise Unsupported("no GGUF magic")
     cur.pos = 4
     version = cur.take("<I")
