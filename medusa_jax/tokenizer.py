@@ -128,9 +128,9 @@ def _tokenizer_cache_key(path: str) -> str:
     import tokenizers
     import transformers
 
-    from medusa_jax.weights.gguf import _identity
+    from medusa_jax.weights.gguf import file_identity
 
-    mtime_ns, size = _identity(path)
+    mtime_ns, size = file_identity(path)
     ident = f"{os.path.abspath(path)}|{mtime_ns}|{size}|{transformers.__version__}|" \
             f"{tokenizers.__version__}"
     return hashlib.sha256(ident.encode()).hexdigest()[:24]

@@ -82,7 +82,8 @@ def _field_value(field):
     return one(field.parts[field.data[0]], field.types[0])
 
 
-def _identity(path: str) -> tuple[int, int]:
+def file_identity(path: str) -> tuple[int, int]:
+    """``(mtime_ns, size)`` of ``path``: what the header cache and the tokenizer cache key on."""
     st = os.stat(path)
     return st.st_mtime_ns, st.st_size
 
@@ -126,7 +127,7 @@ class GGUFCheckpoint:
                 f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
             )
         try:
-            metadata, tensors = _parse(self.path, *_identity(self.path))
+            metadata, tensors = _parse(self.path, *file_identity(self.path))
         except Exception as e:  # the reader fails in many ways on a cut file (numpy, struct)
             raise CheckpointError(
                 f"truncated or corrupt GGUF file {self.path}: {type(e).__name__}: {e}"
