@@ -4,6 +4,7 @@
     python train.py distill --out data/distilled.jsonl --max-conversations 2000
     python train.py medusa1 --config configs/smollm2_medusa1.yaml data.path=data/distilled.jsonl
     python train.py medusa2 --config configs/smollm2_medusa2.yaml --set train.steps=500
+    python train.py data unpack --store datasets/smollm2-135m-instruct --out data/d.jsonl --hidden
 
 Overrides are ``key.sub=value`` tokens or ``--set key.sub=value`` (values are YAML). Rerunning
 a medusa1/medusa2 command with the same checkpoint.dir resumes from its latest checkpoint;
@@ -56,6 +57,33 @@ def _add_distill(sub) -> None:
                    "the stack) instead of unrolled ones (the default: faster steps)")
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="keep distilled data in a versioned store (xz shards) and "
+                       "rebuild its hidden-state sidecar",
+                       description="A distilled JSONL in a directory of append-only xz shards "
+                       "that can be committed (pack), written back (unpack), and its "
+                       "--keep-hidden sidecar rebuilt by one teacher-forced pass (hidden).")
+    ops = p.add_subparsers(dest="op", required=True, metavar="{pack,unpack,hidden}")
+    pk = ops.add_parser("pack", help="add the records the store lacks as a new shard")
+    pk.add_argument("--data", required=True, help="the distilled JSONL")
+    pk.add_argument("--store", required=True, help="the store directory (created if absent)")
+    pk.add_argument("--shard-records", type=int, default=2000)
+    pk.add_argument("--command-line", default=None, dest="command_line",
+                    help="the distillation command, recorded with the new shard")
+    up = ops.add_parser("unpack", help="write the store's records to a JSONL")
+    up.add_argument("--store", required=True)
+    up.add_argument("--out", required=True, help="the JSONL (left alone if it already holds "
+                    "the store's records)")
+    up.add_argument("--hidden", action="store_true", help="also rebuild <out>.hidden")
+    hd = ops.add_parser("hidden", help="rebuild <data>.hidden from the records (resumable)")
+    hd.add_argument("--data", required=True)
+    for q in (up, hd):
+        q.add_argument("--model", default=None, help="the base model the data was distilled "
+                       "with (default: SmolLM2-135M-Instruct)")
+        q.add_argument("--batch-rows", type=int, default=4,
+                       help="packed rows of prompt + answer per forward pass")
+
+
 def _add_train(sub, mode: str, what: str) -> None:
     p = sub.add_parser(mode, help=what, description=f"{what}. Settings: the YAML given with "
                        "--config, then overrides. train.mode is set to " + repr(mode) + ".")
@@ -73,12 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True,
-                           metavar="{distill,medusa1,medusa2,compile}")
+                           metavar="{distill,data,medusa1,medusa2,compile}")
     sub.add_parser("compile", add_help=False,
                    help="compile a run's Medusa-2 train step / decoding loop ahead of time for a "
                    "TPU topology and report per-chip memory (python -m medusa_jax.aot; "
                    "`train.py compile --help` for its options)")
     _add_distill(sub)
+    _add_data(sub)
     _add_train(sub, "medusa1", "train Medusa heads on a frozen base model")
     _add_train(sub, "medusa2", "train heads and base jointly (optionally distilling from the "
                "original base)")
@@ -96,6 +125,40 @@ def run_distill(args) -> int:
                       keep_hidden=args.keep_hidden, scan_layers=args.scan_layers)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def run_data(args) -> int:
+    from medusa_jax.training import data_store
+
+    if args.op == "pack":
+        import datetime
+        import platform
+
+        source = {"packed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                  "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+                  "commit": data_store.git_commit(os.path.dirname(os.path.abspath(__file__)))}
+        if args.command_line:
+            source["command"] = args.command_line
+        summary = data_store.pack(args.data, args.store, shard_records=args.shard_records,
+                                  source=source)
+    elif args.op == "unpack":
+        summary = data_store.unpack(args.store, args.out)
+        if args.hidden:
+            summary["hidden"] = _rebuild(args, args.out)
+    else:
+        summary = _rebuild(args, args.data)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _rebuild(args, data_path: str) -> dict:
+    from medusa_jax.api import MedusaLM
+    from medusa_jax.training.data_store import check_rebuild, rebuild_hidden
+
+    check_rebuild(data_path, args.batch_rows)  # bad input before the (slow) model load
+    lm = MedusaLM.load(args.model, medusa=None, dtype="float32", scan_layers=False)
+    return rebuild_hidden(lm.cfg, lm.params["base"], lm.tokenizer, data_path,
+                          batch_rows=args.batch_rows)
 
 
 def run_train(args) -> int:
@@ -152,6 +215,8 @@ def main(argv=None) -> int:
     from medusa_jax.errors import MedusaError
 
     try:
+        if args.command == "data":
+            return run_data(args)
         return run_distill(args) if args.command == "distill" else run_train(args)
     except MedusaError as e:  # bad input; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)

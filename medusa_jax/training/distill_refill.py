@@ -62,7 +62,8 @@ def open_hidden(out_path: str, dim: int, resume: bool):
     have = os.path.getsize(path) // (dim * 2) if os.path.exists(path) else 0
     if have < rows:
         raise DataError(f"{path} holds {have} hidden rows but {out_path} records {rows}: the "
-                        "hidden states are damaged; distil again with --no-resume")
+                        "hidden states are missing or damaged; rebuild them with `python "
+                        f"train.py data hidden --data {out_path}` (resumable), then resume")
     f = open(path, "r+b" if os.path.exists(path) else "wb")  # noqa: SIM115
     f.truncate(rows * dim * 2)
     f.seek(0, os.SEEK_END)
