@@ -179,6 +179,9 @@ single top-1 chain as deep as the heads (the trees do better).
 ## Reproduce
 
 ```bash
+# the data: restore it from the repository's store (datasets/smollm2-135m-instruct/DATA.md) ...
+python train.py data unpack --store datasets/smollm2-135m-instruct --out data/smollm2_distilled.jsonl --hidden
+# ... or distill it again (resumable; it also extends a restored file)
 {args.distill_command}
 {TRAIN[kind]}
 """ + (f"{TRAIN['medusa' if kind == 'hydra' else 'hydra']}\n" if len(runs) > 1 else "") + f"""\
