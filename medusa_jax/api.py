@@ -20,7 +20,12 @@ from medusa_jax.decoding.common import (
     GenerationError,
     GenerationSettings,
 )
-from medusa_jax.decoding.medusa import check_tree, make_settings, medusa_generate
+from medusa_jax.decoding.medusa import (
+    check_tree,
+    make_settings,
+    medusa_generate,
+    with_decode_projections,
+)
 from medusa_jax.decoding.sampling import SamplingConfig
 from medusa_jax.decoding.vanilla import generate as vanilla_generate
 from medusa_jax.defaults import default_dtype, default_heads_path
@@ -127,6 +132,15 @@ class MedusaLM:
         self.mcfg = mcfg
         self.params["medusa"] = jax.device_put(medusa_params)
 
+    def _decode_params(self) -> dict:
+        """``self.params`` with the decode loop's projections, made once per base and heads
+        (a new ``params["base"]`` or new heads make them again)."""
+        key = (id(self.params.get("base")), id(self.params.get("medusa")), self.mcfg)
+        if getattr(self, "_decode_key", None) != key:
+            self._decode_cache = with_decode_projections(self.cfg, self.mcfg, self.params)
+            self._decode_key = key
+        return self._decode_cache
+
     @property
     def has_heads(self) -> bool:
         return self.mcfg is not None
@@ -201,7 +215,7 @@ class MedusaLM:
             st = make_settings(tree, self.mcfg.num_heads, gen, proposal_size=self.proposal_size,
                                acceptance=acceptance, posterior_threshold=posterior_threshold,
                                posterior_alpha=posterior_alpha)
-            res = medusa_generate(self.cfg, self.mcfg, self.params, ids, st, seed=seed,
+            res = medusa_generate(self.cfg, self.mcfg, self._decode_params(), ids, st, seed=seed,
                                   stream_every=chunk, on_chunk=on_chunk)
         else:
             res = vanilla_generate(self.cfg, self.params["base"], ids, gen, seed=seed,

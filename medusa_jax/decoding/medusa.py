@@ -114,6 +114,60 @@ class MedusaState:
         return jnp.all(self.done)
 
 
+PROJ_KEY = "decode_proj"
+
+
+def with_decode_projections(cfg: ModelConfig, mcfg: MedusaConfig | None, params: dict,
+                            backend: str | None = None) -> dict:
+    """``params`` plus (under ``"decode_proj"``) the output projections the loop multiplies
+    every step, laid out once before it instead of re-derived inside it; no-op if present.
+
+    - ``verify`` (CPU, tied embeddings): the embedding transposed to ``[D, V]``. The
+      verification step projects all T tree rows through the tied LM head; XLA:CPU's
+      matrix-matrix kernel over a handful of rows is markedly faster with the weight as
+      ``[D, V]`` than as ``x @ E.T`` (5 rows of SmolLM2's 49152 x 576: about 6 vs 8 ms; the
+      loop side by side: ``benchmarks/bench_projections.py``). It costs one more copy of the
+      embedding in host memory; accelerators lay out dots themselves, so they get none.
+    - ``draft`` (heads with a draft vocabulary): the ``[D, V']`` columns of the LM head the
+      heads project through, gathered once rather than every step.
+
+    The products are the same numbers in another memory layout: the logits are equal."""
+    if PROJ_KEY in params or "base" not in params:
+        return params
+    base = params["base"]
+    proj = {}
+    backend = backend or jax.default_backend()
+    if backend == "cpu" and cfg.tie_word_embeddings:
+        proj["verify"] = _transposed(base["embed"]["embedding"])
+    if mcfg is not None and mcfg.draft_ids is not None and "medusa" in params:
+        proj["draft"] = _draft_columns(lm_head_weight(base, cfg),
+                                       jnp.asarray(np.asarray(mcfg.draft_ids, np.int32)))
+    return {**params, PROJ_KEY: proj} if proj else params
+
+
+@jax.jit
+def _transposed(w):
+    return w.T
+
+
+@jax.jit
+def _draft_columns(lm, ids):
+    return jnp.take(lm, ids, axis=1)
+
+
+def verify_logits(cfg: ModelConfig, params: dict, hidden) -> jax.Array:
+    """The base model's float32 logits over the tree rows ``hidden [B, T, D]`` (through the
+    ``[D, V]`` copy when :func:`with_decode_projections` made one)."""
+    w = params.get(PROJ_KEY, {}).get("verify")
+    if w is None:
+        return llama.logits(cfg, params["base"], hidden)
+    return (hidden @ w.astype(hidden.dtype)).astype(jnp.float32)
+
+
+def _draft_proj(params: dict):
+    return params.get(PROJ_KEY, {}).get("draft")
+
+
 @functools.lru_cache(maxsize=32)
 def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int, depth: int | None = None):
     """The default proposer: the heads' top-k at the last accepted position ``[B, M, k]``.
@@ -132,7 +186,8 @@ def heads_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, topk: int, depth: 
             return llama.logits(base_cfg, params["base"], x)
 
         lm = lm_head_weight(params["base"], base_cfg) if mcfg.draft_ids is not None else None
-        lg = head_logits(mcfg, medusa, hh, base_proj, lm)  # [B, M, V or V']
+        lg = head_logits(mcfg, medusa, hh, base_proj, lm,
+                         draft_proj=_draft_proj(params))  # [B, M, V or V']
         return draft_to_vocab(mcfg, jax.lax.top_k(lg, topk)[1].astype(jnp.int32))
 
     return propose
@@ -167,7 +222,8 @@ def hydra_proposer(mcfg: MedusaConfig, base_cfg: ModelConfig, choices: tuple[tup
             e = jnp.take(embedding, path, axis=0)  # [B, P, d, E]
             hh = hydra_hidden(mcfg, medusa, hidden[:, None, :], e, head=d - 1,
                               dtype=base_cfg.dtype)  # [B, P, D]
-            lg = head_logits(mcfg, medusa, hh[..., None, :], base_proj, lm)[..., 0, :]  # [B, P, V']
+            lg = head_logits(mcfg, medusa, hh[..., None, :], base_proj, lm,
+                             draft_proj=_draft_proj(params))[..., 0, :]  # [B, P, V']
             cand = draft_to_vocab(mcfg, jax.lax.top_k(lg, tree.level_topk[d - 1])[1])
             idx = np.asarray(tree.level_indices[tree.level_slice(d)])
             level = jnp.take(cand.reshape(B, -1).astype(jnp.int32), idx, axis=1)  # [B, n_d]
@@ -221,7 +277,7 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     hidden, (cache, (tree_k, tree_v)) = llama.forward(
         cfg, params["base"], tree_tokens, positions, s.cache, np.asarray(tree.attn_mask),
         write=False)  # [B, T, D], [L, B, T, K, H] x 2
-    logits = llama.logits(cfg, params["base"], hidden)  # [B, T, V]
+    logits = verify_logits(cfg, params, hidden)  # [B, T, V]
 
     # the rule picks the path, its length and the token after it (per-row randomness: the key
     # is split over rows inside the rule's draws)
@@ -289,8 +345,10 @@ def abstract_medusa_state(params, batch_size: int, cache_len: int, *, cfg: Model
 def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Sequence[Sequence[int]],
                     settings: MedusaSettings, seed: int = 0, cache_len: int | None = None,
                     stream_every: int | None = None, on_chunk: Callable | None = None,
-                    propose: Callable | None = None) -> dict:
-    """Medusa generation for token-id prompts. ``params = {"base": ..., "medusa": ...}``.
+                    propose: Callable | None = None, projections: bool = True) -> dict:
+    """Medusa generation for token-id prompts. ``params = {"base": ..., "medusa": ...}``
+    (``projections``: add :func:`with_decode_projections` first when missing; False runs the
+    loop on the parameters as given, for side-by-side measurements).
 
     Returns ``tokens`` (lists), ``steps`` (verification steps per row), ``mean_accepted``
     (tokens per step per row), ``accept_hist`` (``[B, depth+2]``: steps that accepted ``i``
@@ -306,6 +364,8 @@ def medusa_generate(cfg: ModelConfig, mcfg: MedusaConfig, params, prompts: Seque
         raise GenerationError(
             f"tree depth {tree.depth} needs at least {tree.depth} Medusa heads, the model has "
             f"{mcfg.num_heads}")
+    if projections:
+        params = with_decode_projections(cfg, mcfg, params)
     tokens, lens = pad_prompts(prompts, settings.gen.pad_token_id)
     max_new = settings.gen.max_new_tokens
     extra = tree.num_nodes + tree.depth

@@ -121,13 +121,17 @@ def path_embeddings(embedding, tokens):
     return jnp.where((tokens >= 0)[..., None], e, 0)
 
 
-def head_logits(mcfg: MedusaConfig, medusa_params, head_hidden, base_logits_fn, base_lm_head=None):
+def head_logits(mcfg: MedusaConfig, medusa_params, head_hidden, base_logits_fn, base_lm_head=None,
+                draft_proj=None):
     """Per-head logits ``[..., M, V]`` float32 from ``head_hidden: [..., M, D]``; with a shared
     LM head ``base_logits_fn`` (the base model's projection) is applied to every head.
 
     With ``mcfg.draft_ids`` the logits cover the draft vocabulary only (``[..., M, V']``, column
     ``j`` is token ``draft_ids[j]``; map back with :func:`draft_to_vocab`), projected through
-    those rows of ``base_lm_head: [D, V]``."""
+    those rows of ``base_lm_head: [D, V]`` (or through ``draft_proj: [D, V']``, those columns
+    gathered beforehand)."""
+    if mcfg.draft_ids is not None and draft_proj is not None:
+        return (head_hidden @ draft_proj.astype(head_hidden.dtype)).astype(jnp.float32)
     if mcfg.draft_ids is not None:
         if base_lm_head is None:
             raise ValueError("heads with draft_ids need base_lm_head=[D, V] for their projection")
