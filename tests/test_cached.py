@@ -285,6 +285,38 @@ def test_cached_hydra_run_with_base_targets(tmp_path, data_file):
     assert medusa_generate(tr.model_cfg, mcfg, params, prompts, settings)["tokens"] == want
 
 
+def test_training_goes_on_from_saved_heads(tmp_path, data_file):
+    """train.init_heads starts from a saved head set (its weights and its draft vocabulary, not
+    fresh heads and one chosen anew); heads the medusa section does not describe are refused."""
+    args = ("train.cache_hidden=true", "medusa.head_type=hydra", "train.head_target=base",
+            "medusa.draft_vocab_size=48", "train.token_batch=64", "log.every_steps=5")
+    first = train_cached(config(tmp_path / "a", data_file, *args, "train.steps=20",
+                                "train.heads_lr=0.05"))
+    saved = first["exports"]["heads"]
+    smcfg, sheads = load_heads(saved)
+    # lr 0: the run must export exactly the heads it started from
+    again = train_cached(config(tmp_path / "b", data_file, *args, "train.steps=5",
+                                "train.heads_lr=0.0", f"train.init_heads={saved}"))
+    mcfg, heads = load_heads(again["exports"]["heads"])
+    assert mcfg.draft_ids == smcfg.draft_ids
+    assert set(heads) == set(sheads)
+    for k in heads:
+        np.testing.assert_array_equal(heads[k], sheads[k])
+    np.testing.assert_allclose(again["eval"]["head_top1"], first["eval"]["head_top1"], atol=1e-6)
+    # and trained on, it starts where the saved heads left off, below a fresh start's loss
+    fresh = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    go_on = train_cached(config(tmp_path / "c", data_file, *args, "train.steps=5",
+                                "train.heads_lr=0.01", f"train.init_heads={saved}"))
+    assert go_on["step"] == 5
+    cont = [json.loads(x) for x in open(tmp_path / "c" / "metrics.jsonl")]
+    assert cont[0]["loss"] < fresh[0]["loss"]
+    with pytest.raises(ConfigError, match=r"num_heads 2 \(heads: 3\)"):
+        train_cached(config(tmp_path / "d", data_file, *args, "medusa.num_heads=2",
+                            f"train.init_heads={saved}"))
+    with pytest.raises(ConfigError, match="init_heads needs cache_hidden=True"):
+        config(tmp_path / "e", data_file, f"train.init_heads={saved}")
+
+
 def test_head_target_base_needs_cached_states():
     from medusa_jax.training.run_config import TrainConfig
 

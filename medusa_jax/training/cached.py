@@ -321,6 +321,36 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
     return train, ev
 
 
+def initial_heads(run_cfg: RunConfig, model_cfg: ModelConfig, base: dict,
+                  targets: np.ndarray) -> tuple[MedusaConfig, dict]:
+    """The heads training starts from, as ``(MedusaConfig, host params)``: fresh heads with a
+    draft vocabulary chosen from the training ``targets``, or, with ``train.init_heads``, the
+    saved head set there with its own draft vocabulary, whatever its size (a ``medusa`` section
+    that describes other heads is a :class:`ConfigError`)."""
+    m, path = run_cfg.medusa, run_cfg.train.init_heads
+    if path is None:
+        draft = None
+        if m.draft_vocab_size:
+            draft = choose_draft_ids(targets, m.draft_vocab_size, model_cfg.vocab_size,
+                                     tuple(model_cfg.eos_token_ids))
+        mcfg = medusa_config(run_cfg, model_cfg, draft)
+        return mcfg, fresh_heads(mcfg, model_cfg, base)
+    from medusa_jax.weights.medusa_io import load_heads  # noqa: PLC0415
+
+    saved, params = load_heads(path, model_cfg, dtype=m.param_dtype)  # checks the base model
+    wanted = {"head_type": m.head_type, "num_heads": m.num_heads, "num_layers": m.num_layers,
+              "shared_lm_head": m.shared_lm_head,
+              "a draft vocabulary": bool(m.draft_vocab_size)}
+    have = {"head_type": saved.head_type, "num_heads": saved.num_heads,
+            "num_layers": saved.num_layers, "shared_lm_head": saved.shared_lm_head,
+            "a draft vocabulary": saved.draft_ids is not None}
+    differ = [f"{k} {wanted[k]!r} (heads: {have[k]!r})" for k in wanted if wanted[k] != have[k]]
+    if differ:
+        raise ConfigError(f"train.init_heads={path!r}: the medusa section describes other heads "
+                          f"than the saved ones: {'; '.join(differ)}")
+    return medusa_config(run_cfg, model_cfg, saved.draft_ids), params
+
+
 def train_cached(run_cfg: RunConfig) -> dict:
     """Medusa-1 heads from cached hidden states (see the module docstring); returns a summary
     like :meth:`~medusa_jax.training.loop.Trainer.run`'s."""
@@ -364,14 +394,11 @@ def train_cached(run_cfg: RunConfig) -> dict:
     log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
              0 if eval_set is None else len(eval_set), collect_s)
 
-    draft = None
-    if m.draft_vocab_size:
-        draft = choose_draft_ids(train_set.targets, m.draft_vocab_size, model_cfg.vocab_size,
-                                 tuple(model_cfg.eos_token_ids))
-    mcfg = medusa_config(run_cfg, model_cfg, draft)
+    mcfg, params = initial_heads(run_cfg, model_cfg, base, train_set.targets)
+    draft = mcfg.draft_ids
     lm = jnp.asarray(lm_head_weight(base, model_cfg))
     emb = jnp.asarray(base["embed"]["embedding"]) if mcfg.is_hydra else None
-    params = jax.tree.map(jnp.asarray, fresh_heads(mcfg, model_cfg, base))
+    params = jax.tree.map(jnp.asarray, params)
     step_fn, tx = make_cached_step(mcfg, tcfg)
     opt_state = tx.init({"medusa": params})
 

@@ -90,6 +90,11 @@ class TrainConfig:
     # cached states, the base model's own distribution there (LM head on the state of position
     # t+k: "base", a distillation target; the Hydra authors found it better).
     head_target: str = "tokens"
+    # cache_hidden only: start from a saved head set (a ``save_heads`` directory, e.g. the
+    # shipped heads) instead of fresh heads, to go on training them on new data. Its head type,
+    # head count, ResBlocks, LM-head sharing and draft vocabulary are kept; a ``medusa`` section
+    # that says otherwise is refused.
+    init_heads: str | None = None
 
     def __post_init__(self):
         _check(self.mode in MODES, f"mode={self.mode!r} must be one of {MODES}")
@@ -152,6 +157,9 @@ class TrainConfig:
         _check(self.head_target == "tokens" or self.cache_hidden,
                f"head_target={self.head_target!r} needs cache_hidden=True (the base's own "
                "distribution comes from the cached hidden states)")
+        _check(self.init_heads is None or self.cache_hidden,
+               "init_heads needs cache_hidden=True (only the cached Medusa-1 trainer can start "
+               "from saved heads)")
         _check(
             self.heads_warmup_steps == 0 or self.mode == "medusa2",
             f"heads_warmup_steps={self.heads_warmup_steps} only applies to mode='medusa2' "
