@@ -128,6 +128,7 @@ def run_distill(args) -> int:
 
 
 def run_data(args) -> int:
+    from medusa_jax.provenance import git_commit
     from medusa_jax.training import data_store
 
     if args.op == "pack":
@@ -136,7 +137,7 @@ def run_data(args) -> int:
 
         source = {"packed_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                   "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
-                  "commit": data_store.git_commit(os.path.dirname(os.path.abspath(__file__)))}
+                  "commit": git_commit(os.path.dirname(os.path.abspath(__file__)))}
         if args.command_line:
             source["command"] = args.command_line
         summary = data_store.pack(args.data, args.store, shard_records=args.shard_records,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from medusa_jax import provenance
 from medusa_jax.platform import skip_absent_tpu
 
 skip_absent_tpu()  # before any benchmark imports jax: no TPU probing where libtpu sits unused
@@ -88,11 +89,7 @@ def load_average() -> list[float] | None:
 
 def git_commit() -> str | None:
     """HEAD of the checkout (read-only ``git rev-parse``); the tree may hold uncommitted work."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return provenance.git_commit(REPO, mark_dirty=False)
 
 
 def machine_info() -> dict:

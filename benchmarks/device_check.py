@@ -527,15 +527,9 @@ def _commit() -> str:
     named = os.environ.get("MEDUSA_COMMIT", "").strip()
     if named:
         return named
-    try:
-        git = ["git", "-C", REPO]
-        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return (head + ("+dirty" if dirty else "")) if head else "?"
+    from medusa_jax.provenance import git_commit  # noqa: PLC0415
+
+    return git_commit(REPO, short=True) or "?"
 
 
 def _accepted(r: dict) -> str:

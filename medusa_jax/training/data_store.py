@@ -28,7 +28,6 @@ import hashlib
 import json
 import lzma
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -129,19 +128,6 @@ def _first_difference(a: list[bytes], b: list[bytes]) -> int | None:
 
 def _record_id(line: bytes) -> str:
     return str(json.loads(line).get("id"))
-
-
-def git_commit(where: str) -> str | None:
-    """The commit checked out at ``where`` (``+dirty`` with uncommitted changes), or None
-    outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head + ("+dirty" if dirty.strip() else "")
 
 
 # ---------------------------------------------------------------------------------- pack / unpack
