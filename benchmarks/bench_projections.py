@@ -20,7 +20,6 @@ import os
 import sys
 
 import _common as C
-import numpy as np
 
 RUN_SH_PROMPT = "What are three good reasons to learn to cook at home?"
 VARIANTS = ("vanilla", "medusa (as given)", "medusa (projections)")
