@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     info = C.machine_info()
 
     import jax
-    from bench_mtbench import load_heads_and_tree
+    from bench_mtbench import explicit_tree, heads_metadata, load_heads_and_tree
     from tqdm import tqdm
 
     import medusa_jax.tokenizer as mtok
@@ -140,12 +140,20 @@ def main(argv=None) -> int:
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.sampling import SamplingConfig
     from medusa_jax.decoding.vanilla import generate
+    from medusa_jax.errors import MedusaError
     from medusa_jax.model.llama import convert_layout
     from medusa_jax.tree import build_tree
     from medusa_jax.weights import load_base_model
 
     if args.heads is None and default_heads_path() is None:
         log("error: no Medusa heads are shipped for the default model: pass --heads PATH")
+        return 2
+    heads_path = args.heads or default_heads_path()
+    meta = heads_metadata(heads_path)
+    try:  # a tree that cannot be had is refused before the model loads
+        tree = explicit_tree(args, heads_path, meta)
+    except MedusaError as e:
+        log(f"error: {e}")
         return 2
     model_path = mtok.resolve_model_path(args.model)
     tok = mtok.load_tokenizer(model_path)
@@ -159,7 +167,8 @@ def main(argv=None) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, sampling=sampling,
                              eos_token_ids=eos, pad_token_id=pad)
-    mcfg, mp, heads_desc, meta, tree_name, choices = load_heads_and_tree(args, cfg)
+    mcfg, mp, heads_desc, tree_name, choices = load_heads_and_tree(args, cfg, heads_path, meta,
+                                                                   tree)
     typical = Typical()
     settings = {"lossless": make_settings(choices, mcfg.num_heads, gen, acceptance="lossless"),
                 "typical": make_settings(choices, mcfg.num_heads, gen, acceptance=typical)}

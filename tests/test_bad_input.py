@@ -1,6 +1,7 @@
 """Bad input and faults on the decoding side: each gets one clear error (exit 2 in decode.py),
 made before the model's weights load where it can be, and nothing generated is lost."""
 
+import json
 import os
 import signal
 import subprocess
@@ -323,3 +324,38 @@ def test_bench_mtbench_refuses_a_tree_it_cannot_have(tree, message, monkeypatch,
     rc = bench_mtbench.main(["--tree", tree, "--questions", "1", "--out", os.devnull])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("error:") == 1
+
+
+def test_bench_sampling_refuses_a_tree_it_cannot_have(monkeypatch, capsys):
+    """The sampling benchmark checks its --tree as the MT-bench one does: one error, exit 2,
+    before the base model loads."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import bench_sampling
+
+    import medusa_jax.weights as weights
+
+    def no_load(*a, **k):
+        raise AssertionError("the base model was loaded before the check")
+
+    monkeypatch.setattr(weights, "load_base_model", no_load)
+    rc = bench_sampling.main(["--tree", "heads:tpu", "--questions", "1", "--out", os.devnull])
+    err = capsys.readouterr().err
+    assert rc == 2 and "store no 'tpu' tree" in err and err.count("error:") == 1
+
+
+def test_bench_sampling_runs_on_the_shipped_heads(tmp_path):
+    """One MT-bench question, a few tokens: the sampling benchmark runs end to end and writes
+    its files (it had broken silently when a helper it shares with bench_mtbench changed)."""
+    out = tmp_path / "sampling"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_sampling.py"),
+                        "--questions", "1", "--max-new-tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "sampling.md").is_file()
+    res = json.loads((tmp_path / "sampling.json").read_text())
+    assert res["tree"]["name"] == "shipped with the heads" and res["tree"]["nodes"] == 5
+    for v in ("vanilla", "lossless", "typical"):
+        assert res["summary"][v]["tokens"] == 8  # EOS is honoured, but not within 8 tokens here
+    for v in ("lossless", "typical"):
+        assert 1 <= res["summary"][v]["accepted_per_step"] <= res["tree"]["depth"] + 1
