@@ -299,6 +299,8 @@ def test_training_goes_on_from_saved_heads(tmp_path, data_file):
                                 "train.heads_lr=0.0", f"train.init_heads={saved}"))
     mcfg, heads = load_heads(again["exports"]["heads"])
     assert mcfg.draft_ids == smcfg.draft_ids
+    meta = json.loads(open(os.path.join(again["exports"]["heads"], "medusa_config.json")).read())
+    assert meta["metadata"]["init_heads"] == saved  # the card says where training started
     assert set(heads) == set(sheads)
     for k in heads:
         np.testing.assert_array_equal(heads[k], sheads[k])

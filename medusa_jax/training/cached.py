@@ -447,6 +447,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     metadata = {
         "mode": "medusa1 (cached hidden states)", "steps": tcfg.steps,
         "head_type": mcfg.head_type, "head_target": tcfg.head_target,
+        "init_heads": tcfg.init_heads,
         "data": {k: report[k] for k in ("source", "summary", "train_rows")},
         "train_positions": summary["train_positions"], "epochs": summary["epochs"],
         "wall_time_s": round(summary["wall_time_s"], 1), "eval": ev,
