@@ -93,6 +93,20 @@ def explicit_tree(args, path: str, meta: dict):
     return os.path.basename(args.tree), get_tree(args.tree)
 
 
+def heads_and_tree_args(args, instead: str):
+    """``(heads path, their metadata, explicit_tree's tree)`` from ``--heads`` and ``--tree``,
+    resolved before any weights load. No heads shipped for the default model (``instead``: what
+    to pass) or a tree that cannot be had raises MedusaError naming it."""
+    from medusa_jax.api import default_heads_path
+    from medusa_jax.errors import MedusaError
+
+    if args.heads is None and default_heads_path() is None:
+        raise MedusaError(f"no Medusa heads are shipped for the default model: pass {instead}")
+    path = args.heads or default_heads_path()
+    meta = heads_metadata(path)
+    return path, meta, explicit_tree(args, path, meta)
+
+
 def load_heads_and_tree(args, cfg, path: str, meta: dict, tree):
     """(mcfg, head params, description, tree name, tree paths); ``tree``: explicit_tree's."""
     from medusa_jax.api import default_tree
@@ -330,7 +344,6 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     import medusa_jax.tokenizer as mtok
-    from medusa_jax.api import default_heads_path
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.vanilla import generate
@@ -339,14 +352,9 @@ def main(argv=None) -> int:
     from medusa_jax.tree import build_tree
     from medusa_jax.weights import load_base_model
 
-    if args.heads is None and default_heads_path() is None:
-        log("error: no Medusa heads are shipped for the default model: pass --heads PATH "
-            "(trained heads) or --heads fresh")
-        return 2
-    heads_path = args.heads or default_heads_path()
-    meta = heads_metadata(heads_path)
-    try:  # a tree that cannot be had is refused before the model loads
-        tree = explicit_tree(args, heads_path, meta)
+    try:  # heads or a tree that cannot be had are refused before the model loads
+        heads_path, meta, tree = heads_and_tree_args(
+            args, "--heads PATH (trained heads) or --heads fresh")
     except MedusaError as e:
         log(f"error: {e}")
         return 2

@@ -130,11 +130,10 @@ def main(argv=None) -> int:
     info = C.machine_info()
 
     import jax
-    from bench_mtbench import explicit_tree, heads_metadata, load_heads_and_tree
+    from bench_mtbench import heads_and_tree_args, load_heads_and_tree
     from tqdm import tqdm
 
     import medusa_jax.tokenizer as mtok
-    from medusa_jax.api import default_heads_path
     from medusa_jax.decoding.acceptance import Typical
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
@@ -145,13 +144,8 @@ def main(argv=None) -> int:
     from medusa_jax.tree import build_tree
     from medusa_jax.weights import load_base_model
 
-    if args.heads is None and default_heads_path() is None:
-        log("error: no Medusa heads are shipped for the default model: pass --heads PATH")
-        return 2
-    heads_path = args.heads or default_heads_path()
-    meta = heads_metadata(heads_path)
-    try:  # a tree that cannot be had is refused before the model loads
-        tree = explicit_tree(args, heads_path, meta)
+    try:  # heads or a tree that cannot be had are refused before the model loads
+        heads_path, meta, tree = heads_and_tree_args(args, "--heads PATH")
     except MedusaError as e:
         log(f"error: {e}")
         return 2
