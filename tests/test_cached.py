@@ -285,7 +285,7 @@ def test_cached_hydra_run_with_base_targets(tmp_path, data_file):
     assert medusa_generate(tr.model_cfg, mcfg, params, prompts, settings)["tokens"] == want
 
 
-def test_training_goes_on_from_saved_heads(tmp_path, data_file):
+def test_training_goes_on_from_saved_heads(tmp_path, data_file, monkeypatch):
     """train.init_heads starts from a saved head set (its weights and its draft vocabulary, not
     fresh heads and one chosen anew); heads the medusa section does not describe are refused."""
     args = ("train.cache_hidden=true", "medusa.head_type=hydra", "train.head_target=base",
@@ -312,6 +312,13 @@ def test_training_goes_on_from_saved_heads(tmp_path, data_file):
     assert go_on["step"] == 5
     cont = [json.loads(x) for x in open(tmp_path / "c" / "metrics.jsonl")]
     assert cont[0]["loss"] < fresh[0]["loss"]
+    # refused before any data is read (on a real data set that is minutes)
+    import medusa_jax.training.prepare as prepare  # noqa: PLC0415
+
+    def no_data(_cfg):
+        raise AssertionError("the data was read before the saved heads were checked")
+
+    monkeypatch.setattr(prepare, "prepare_data", no_data)
     with pytest.raises(ConfigError, match=r"num_heads 2 \(heads: 3\)"):
         train_cached(config(tmp_path / "d", data_file, *args, "medusa.num_heads=2",
                             f"train.init_heads={saved}"))

@@ -322,11 +322,12 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
 
 
 def initial_heads(run_cfg: RunConfig, model_cfg: ModelConfig, base: dict,
-                  targets: np.ndarray) -> tuple[MedusaConfig, dict]:
+                  targets: np.ndarray | None) -> tuple[MedusaConfig, dict]:
     """The heads training starts from, as ``(MedusaConfig, host params)``: fresh heads with a
     draft vocabulary chosen from the training ``targets``, or, with ``train.init_heads``, the
     saved head set there with its own draft vocabulary, whatever its size (a ``medusa`` section
-    that describes other heads is a :class:`ConfigError`)."""
+    that describes other heads is a :class:`ConfigError`; ``targets`` may then be ``None``, so
+    the check can run before any data is read)."""
     m, path = run_cfg.medusa, run_cfg.train.init_heads
     if path is None:
         draft = None
@@ -364,8 +365,10 @@ def train_cached(run_cfg: RunConfig) -> dict:
     os.makedirs(paths.root, exist_ok=True)
     dump_yaml(to_dict(run_cfg), paths.config)
     sidecar = sidecar_for(run_cfg.data.path, run_cfg.data.hidden_states)
-    data = None if sidecar else prepare_data(run_cfg)
     model_cfg, base = build_base(run_cfg)
+    # saved heads that do not fit are refused before minutes of data loading, not after
+    start = initial_heads(run_cfg, model_cfg, base, None) if tcfg.init_heads else None
+    data = None if sidecar else prepare_data(run_cfg)
     t = time.perf_counter()
     if sidecar:  # the distiller kept the states: no base pass over the data
         train_set, eval_set, report = sidecar_sets(run_cfg.data.path, model_cfg.hidden_size,
@@ -394,7 +397,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
              0 if eval_set is None else len(eval_set), collect_s)
 
-    mcfg, params = initial_heads(run_cfg, model_cfg, base, train_set.targets)
+    mcfg, params = start or initial_heads(run_cfg, model_cfg, base, train_set.targets)
     draft = mcfg.draft_ids
     lm = jnp.asarray(lm_head_weight(base, model_cfg))
     emb = jnp.asarray(base["embed"]["embedding"]) if mcfg.is_hydra else None
