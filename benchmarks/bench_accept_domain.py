@@ -84,10 +84,8 @@ def main(argv=None) -> int:
     from medusa_jax.api import default_heads_path, default_tree
     from medusa_jax.decoding.common import GenerationSettings
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
-    from medusa_jax.model.llama import convert_layout
     from medusa_jax.training.distill import Distiller
     from medusa_jax.tree import get_tree
-    from medusa_jax.weights import load_base_model
     from medusa_jax.weights.medusa_io import load_heads, read_heads_metadata
 
     heads = args.heads or default_heads_path()
@@ -96,14 +94,11 @@ def main(argv=None) -> int:
         return 2
     model_path = mtok.resolve_model_path(None)
     tok = mtok.load_tokenizer(model_path)
-    cfg, base = load_base_model(model_path, dtype="float32", scan_layers=True)
-    cfg = cfg.replace(dtype="float32", scan_layers=True)
-    base = jax.device_put(convert_layout(base, cfg))
+    cfg, base, eos, _ = C.load_fp32_base(model_path, tok)
     mcfg, mp = load_heads(heads, base_cfg=cfg)
     trees = read_heads_metadata(heads).get("trees") or {}
     spec = default_tree(mcfg, trees)
     choices = get_tree(spec)
-    eos = mtok.eos_token_ids(tok, cfg.eos_token_ids)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                              pad_token_id=int(cfg.pad_token_id or 0))
     st = make_settings(choices, mcfg.num_heads, gen, acceptance="greedy")

@@ -348,9 +348,7 @@ def main(argv=None) -> int:
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.vanilla import generate
     from medusa_jax.errors import MedusaError
-    from medusa_jax.model.llama import convert_layout
     from medusa_jax.tree import build_tree
-    from medusa_jax.weights import load_base_model
 
     try:  # heads or a tree that cannot be had are refused before the model loads
         heads_path, meta, tree = heads_and_tree_args(
@@ -362,11 +360,7 @@ def main(argv=None) -> int:
     tok = mtok.load_tokenizer(model_path)
     questions = C.mtbench_conversations(args.questions)
     log("loading the base model (fp32, scanned layers)")
-    cfg, base = load_base_model(model_path, dtype="float32", scan_layers=True)
-    cfg = cfg.replace(dtype="float32", scan_layers=True)
-    base = jax.device_put(convert_layout(base, cfg))
-    eos = mtok.eos_token_ids(tok, cfg.eos_token_ids)
-    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    cfg, base, eos, pad = C.load_fp32_base(model_path, tok)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                              pad_token_id=pad)
     mcfg, mp, heads_desc, tree_name, choices = load_heads_and_tree(args, cfg, heads_path, meta,

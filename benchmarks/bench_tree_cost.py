@@ -92,15 +92,12 @@ def main(argv=None) -> int:
     from medusa_jax.decoding.medusa import make_settings, medusa_generate
     from medusa_jax.decoding.vanilla import generate
     from medusa_jax.model.heads import init_medusa_params
-    from medusa_jax.model.llama import convert_layout
     from medusa_jax.tokenizer import (
         encode_prompt,
-        eos_token_ids,
         load_tokenizer,
         resolve_model_path,
     )
     from medusa_jax.tree import build_tree, get_tree
-    from medusa_jax.weights import load_base_model
 
     model_path = resolve_model_path(args.model)
     tok = load_tokenizer(model_path)
@@ -108,11 +105,7 @@ def main(argv=None) -> int:
     prompts = [encode_prompt(tok, q["text"], chat=True) for q in questions]
 
     log(f"loading the base model (fp32, scan_layers={args.scan_layers})")
-    cfg, base = load_base_model(model_path, dtype="float32", scan_layers=args.scan_layers)
-    cfg = cfg.replace(dtype="float32", scan_layers=args.scan_layers)
-    base = jax.device_put(convert_layout(base, cfg))
-    eos = eos_token_ids(tok, cfg.eos_token_ids)
-    pad = int(cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    cfg, base, eos, pad = C.load_fp32_base(model_path, tok, args.scan_layers)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
                              pad_token_id=pad)
 
