@@ -94,13 +94,13 @@ def main(argv=None) -> int:
         return 2
     model_path = mtok.resolve_model_path(None)
     tok = mtok.load_tokenizer(model_path)
-    cfg, base, eos, _ = C.load_fp32_base(model_path, tok)
+    cfg, base, eos, pad = C.load_fp32_base(model_path, tok)
     mcfg, mp = load_heads(heads, base_cfg=cfg)
     trees = read_heads_metadata(heads).get("trees") or {}
     spec = default_tree(mcfg, trees)
     choices = get_tree(spec)
     gen = GenerationSettings(max_new_tokens=args.max_new_tokens, eos_token_ids=eos,
-                             pad_token_id=int(cfg.pad_token_id or 0))
+                             pad_token_id=pad)
     st = make_settings(choices, mcfg.num_heads, gen, acceptance="greedy")
     params = {"base": base, "medusa": jax.device_put(mp)}
 

@@ -321,23 +321,27 @@ def _load_hidden(path: str) -> tuple[HiddenSet, HiddenSet | None] | None:
     return train, ev
 
 
-def initial_heads(run_cfg: RunConfig, model_cfg: ModelConfig, base: dict,
-                  targets: np.ndarray | None) -> tuple[MedusaConfig, dict]:
-    """The heads training starts from, as ``(MedusaConfig, host params)``: fresh heads with a
-    draft vocabulary chosen from the training ``targets``, or, with ``train.init_heads``, the
-    saved head set there with its own draft vocabulary, whatever its size (a ``medusa`` section
-    that describes other heads is a :class:`ConfigError`; ``targets`` may then be ``None``, so
-    the check can run before any data is read)."""
-    m, path = run_cfg.medusa, run_cfg.train.init_heads
-    if path is None:
-        draft = None
-        if m.draft_vocab_size:
-            draft = choose_draft_ids(targets, m.draft_vocab_size, model_cfg.vocab_size,
-                                     tuple(model_cfg.eos_token_ids))
-        mcfg = medusa_config(run_cfg, model_cfg, draft)
-        return mcfg, fresh_heads(mcfg, model_cfg, base)
+def fresh_start(run_cfg: RunConfig, model_cfg: ModelConfig, base: dict,
+                targets: np.ndarray) -> tuple[MedusaConfig, dict]:
+    """Fresh heads to train, as ``(MedusaConfig, host params)``, with a draft vocabulary chosen
+    from the training ``targets`` when the medusa section asks for one."""
+    m = run_cfg.medusa
+    draft = None
+    if m.draft_vocab_size:
+        draft = choose_draft_ids(targets, m.draft_vocab_size, model_cfg.vocab_size,
+                                 tuple(model_cfg.eos_token_ids))
+    mcfg = medusa_config(run_cfg, model_cfg, draft)
+    return mcfg, fresh_heads(mcfg, model_cfg, base)
+
+
+def saved_start(run_cfg: RunConfig, model_cfg: ModelConfig) -> tuple[MedusaConfig, dict]:
+    """The saved head set at ``train.init_heads`` to go on training, as ``(MedusaConfig, host
+    params)``, with its own draft vocabulary whatever its size. Needs no data, so it is checked
+    before any is read: a ``medusa`` section that describes other heads is a
+    :class:`ConfigError`."""
     from medusa_jax.weights.medusa_io import load_heads  # noqa: PLC0415
 
+    m, path = run_cfg.medusa, run_cfg.train.init_heads
     saved, params = load_heads(path, model_cfg, dtype=m.param_dtype)  # checks the base model
     wanted = {"head_type": m.head_type, "num_heads": m.num_heads, "num_layers": m.num_layers,
               "shared_lm_head": m.shared_lm_head,
@@ -367,7 +371,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     sidecar = sidecar_for(run_cfg.data.path, run_cfg.data.hidden_states)
     model_cfg, base = build_base(run_cfg)
     # saved heads that do not fit are refused before minutes of data loading, not after
-    start = initial_heads(run_cfg, model_cfg, base, None) if tcfg.init_heads else None
+    start = saved_start(run_cfg, model_cfg) if tcfg.init_heads else None
     data = None if sidecar else prepare_data(run_cfg)
     t = time.perf_counter()
     if sidecar:  # the distiller kept the states: no base pass over the data
@@ -397,7 +401,7 @@ def train_cached(run_cfg: RunConfig) -> dict:
     log.info("cached %d train / %d eval positions in %.0fs", len(train_set),
              0 if eval_set is None else len(eval_set), collect_s)
 
-    mcfg, params = start or initial_heads(run_cfg, model_cfg, base, train_set.targets)
+    mcfg, params = start or fresh_start(run_cfg, model_cfg, base, train_set.targets)
     draft = mcfg.draft_ids
     lm = jnp.asarray(lm_head_weight(base, model_cfg))
     emb = jnp.asarray(base["embed"]["embedding"]) if mcfg.is_hydra else None
