@@ -86,10 +86,17 @@ def comparison(runs: list[dict]) -> str:
 
     row("training target", lambda s: "base distribution" if s["head_target"] == "base"
         else "data tokens")
-    row("train / held-out positions", lambda s: f"{s['train_positions']:,} / {s['eval_positions']:,}")
-    row("steps x positions (epochs)", lambda s: f"{s['steps']} x {s['token_batch']} ({s['epochs']})")
-    row("training wall time", lambda s: f"{s['train_s'] / 60:.1f} min (whole run "
-        f"{s['wall_time_s'] / 60:.1f} min)")
+    # An --extra run that only scored saved heads shows those heads' own training ("trained_as").
+    rows.append("| train / held-out positions | " + " | ".join(
+        f"{r.get('trained_as', r['summary'])['train_positions']:,} / "
+        f"{r['summary']['eval_positions']:,}" for r in runs) + " |")
+    rows.append("| steps x positions (epochs) | " + " | ".join(
+        f"{t['steps']} x {t['token_batch']} ({t['epochs']})"
+        for t in (r.get("trained_as", r["summary"]) for r in runs)) + " |")
+    rows.append("| training wall time | " + " | ".join(
+        f"{t['train_s'] / 60:.1f} min (whole run {t['wall_time_s'] / 60:.1f} min)"
+        if t.get("train_s") is not None else f"whole run {t['wall_time_s'] / 60:.1f} min"
+        for t in (r.get("trained_as", r["summary"]) for r in runs)) + " |")
     row("held-out top-1 per head", lambda s: _fmt(s["eval"]["head_top1"]))
     row("held-out top-5 per head", lambda s: _fmt(s["eval"]["head_top5"]))
     row("conditional top-1 per depth", lambda s: _fmt(s["eval"]["head_cond_top1"]))
@@ -135,6 +142,10 @@ def main(argv=None) -> int:
         if not sep or not label or not run:
             p.error(f"--extra {spec!r}: expected LABEL=RUN")
         runs.append(dict(load_run(run), label=label))
+        saved = runs[-1]["cfg"].get("metadata", {}).get("init_heads")
+        if saved:  # a scoring-only run (train.steps=1 train.heads_lr=0.0) of saved heads
+            meta = json.load(open(os.path.join(REPO, saved, "medusa_config.json")))["metadata"]
+            runs[-1]["trained_as"] = dict(meta, token_batch=runs[-1]["summary"]["token_batch"])
     ship = runs[0]
     summary, cfg, src = ship["summary"], ship["cfg"], ship["src"]
     ds = distilled_stats(args.data)
@@ -178,7 +189,7 @@ Trained on a 2-core CPU (AMD EPYC, no accelerator).
     elif args.distill_seconds:
         card += f", generated in {args.distill_seconds / 60:.0f} min"
     card += f""".
-- Split: {summary['data']['summary']}; {summary['data']['eval_conversations']} conversations
+- Split: {summary['data']['summary'].replace(REPO + os.sep, '')}; {summary['data']['eval_conversations']} conversations
   ({summary['eval_positions']:,} positions) held out by a hash of their ids
   (`data.eval_fraction`), never trained on.
 
@@ -209,7 +220,12 @@ Trained on a 2-core CPU (AMD EPYC, no accelerator).
 
 The expected chain length is 1 + Σ_d Π_(j<=d) conditional top-1: the tokens per step of a
 single top-1 chain as deep as the heads (the trees do better).
-"""
+""" + ("""
+Columns of saved heads (`--extra`) were scored by a run that does not train
+(`train.init_heads=<heads> train.steps=1 train.heads_lr=0.0`, same held-out split); their
+training rows are the saved heads' own, from their metadata. The held-out split is a hash of
+the conversation id, so conversations held out from a smaller file stay held out in a larger one.
+""" if any("trained_as" in r for r in runs) else "")
     card += f"""
 ## Reproduce
 
@@ -224,7 +240,7 @@ python scripts/ship_heads.py --run {os.path.relpath(ship['run'], REPO)}""" + (
         f" --other {os.path.relpath(args.other, REPO)}" if args.other else "") + "".join(
         f" --extra '{spec}'" for spec in args.extra) + f""" \\
     --data data/smollm2_distilled.jsonl{' --float16' if args.float16 else ''}
-python benchmarks/choose_tree.py --heads {os.path.relpath(args.dest, REPO)} --write-heads
+python benchmarks/choose_tree.py --heads {os.path.relpath(args.dest, REPO)} --sizes 2,3,4,5,6,8 --write-heads
 ```
 
 The trees stored in `medusa_config.json` (`metadata.trees`: `cpu` and `gpu`) come from
