@@ -74,6 +74,14 @@ def _fmt(xs, nd=3):
     return " / ".join(f"{x:.{nd}f}" for x in xs)
 
 
+def _wall_time(t: dict) -> str:
+    """Training and whole-run minutes; saved heads' metadata records the whole run alone."""
+    whole = f"{t['wall_time_s'] / 60:.1f} min"
+    if t.get("train_s") is None:
+        return f"whole run {whole}"
+    return f"{t['train_s'] / 60:.1f} min (whole run {whole})"
+
+
 def comparison(runs: list[dict]) -> str:
     """The side-by-side table of the runs (shipped first)."""
     head = "| | " + " | ".join(
@@ -81,22 +89,18 @@ def comparison(runs: list[dict]) -> str:
         for i, r in enumerate(runs))
     rows = [head + " |", "|---" * (len(runs) + 1) + "|"]
 
-    def row(name, f):
-        rows.append(f"| {name} | " + " | ".join(f(r["summary"]) for r in runs) + " |")
+    def row(name, f, key="summary"):
+        # key "trained_as": an --extra run that only scored saved heads shows their own training
+        rows.append(f"| {name} | " + " | ".join(f(r.get(key, r["summary"])) for r in runs) + " |")
 
     row("training target", lambda s: "base distribution" if s["head_target"] == "base"
         else "data tokens")
-    # An --extra run that only scored saved heads shows those heads' own training ("trained_as").
     rows.append("| train / held-out positions | " + " | ".join(
         f"{r.get('trained_as', r['summary'])['train_positions']:,} / "
         f"{r['summary']['eval_positions']:,}" for r in runs) + " |")
-    rows.append("| steps x positions (epochs) | " + " | ".join(
-        f"{t['steps']} x {t['token_batch']} ({t['epochs']})"
-        for t in (r.get("trained_as", r["summary"]) for r in runs)) + " |")
-    rows.append("| training wall time | " + " | ".join(
-        f"{t['train_s'] / 60:.1f} min (whole run {t['wall_time_s'] / 60:.1f} min)"
-        if t.get("train_s") is not None else f"whole run {t['wall_time_s'] / 60:.1f} min"
-        for t in (r.get("trained_as", r["summary"]) for r in runs)) + " |")
+    row("steps x positions (epochs)", lambda t: f"{t['steps']} x {t['token_batch']} ({t['epochs']})",
+        "trained_as")
+    row("training wall time", _wall_time, "trained_as")
     row("held-out top-1 per head", lambda s: _fmt(s["eval"]["head_top1"]))
     row("held-out top-5 per head", lambda s: _fmt(s["eval"]["head_top5"]))
     row("conditional top-1 per depth", lambda s: _fmt(s["eval"]["head_cond_top1"]))

@@ -354,10 +354,10 @@ def test_bench_sampling_runs_on_the_shipped_heads(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "sampling.md").is_file()
     res = json.loads((tmp_path / "sampling.json").read_text())
+    from medusa_jax.defaults import default_heads_path
     from medusa_jax.weights.medusa_io import read_heads_metadata
 
-    cpu_tree = read_heads_metadata(os.path.join(
-        REPO, "medusa_jax", "assets", "heads", "smollm2-135m-instruct"))["trees"]["cpu"]
+    cpu_tree = read_heads_metadata(default_heads_path())["trees"]["cpu"]
     # the heads' own CPU tree, root included (not a count fixed when other heads were shipped)
     assert res["tree"]["name"] == "shipped with the heads"
     assert res["tree"]["nodes"] == len(cpu_tree) + 1
