@@ -29,6 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--stacked-kv", action="store_true",
+                   help="also time the refill engine over one stacked KV cache (the layout before "
+                   "per-layer buffers), side by side")
     p.add_argument("--out", default=os.path.join(C.RESULTS, "distill.md"))
     args = p.parse_args(argv)
 
@@ -42,15 +45,20 @@ def main(argv=None) -> int:
               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
               batch_size=args.batch_size, progress=False, resume=False)
     engines = {"batch": dict(engine="batch"), "refill": dict(engine="refill", keep_hidden=True)}
+    if args.stacked_kv:  # the refill engine over one stacked KV cache, as before per-layer buffers
+        engines["refill-stacked"] = dict(engine="refill", keep_hidden=True)
+    layout = {"refill-stacked": False}
     tmp = tempfile.mkdtemp(prefix="bench_distill_")
     files, rows = {}, {e: [] for e in engines}
     for e, ekw in engines.items():  # warm-up: every shape compiles
+        dist.kv_per_layer = layout.get(e)
         t = time.perf_counter()
         dist.run(None, os.path.join(tmp, f"warm-{e}.jsonl"), **kw, **ekw)
         print(f"{e}: warm-up (compiles) {time.perf_counter() - t:.0f}s", file=sys.stderr)
     for r in range(args.rounds):
         for e in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
             files[e] = os.path.join(tmp, f"{e}.jsonl")
+            dist.kv_per_layer = layout.get(e)
             s = dist.run(None, files[e], **kw, **engines[e])
             rows[e].append({k: s[k] for k in ("tokens_generated", "seconds", "tokens_per_second",
                                               "written", "batches")})
@@ -81,9 +89,19 @@ def main(argv=None) -> int:
         "", f"Refill / batch: **{ratio:.2f}x**. Identical greedy answers: {same} of {len(a)} "
         "conversations.",
     ]
+    if "refill-stacked" in engines:
+        c = answers(files["refill-stacked"])
+        same_stacked = sum(c.get(k) == b[k] for k in b)
+        data_extra = {"ratio_vs_stacked": best["refill"] / best["refill-stacked"],
+                      "same_answers_stacked": same_stacked}
+        md += ["", f"Refill with a KV buffer per layer / over one stacked cache (`refill-stacked`, "
+               f"the layout before): **{data_extra['ratio_vs_stacked']:.2f}x**; identical greedy "
+               f"answers: {same_stacked} of {len(b)} conversations."]
+    else:
+        data_extra = {}
     data = {"command": C.command_line(), "machine": info, "args": vars(args), "rounds": rows,
             "best_tokens_per_second": best, "ratio": ratio, "same_answers": same,
-            "conversations": len(a)}
+            "conversations": len(a), **data_extra}
     C.write_results(args.out, "\n".join(md), data)
     print("\n".join(md))
     return 0

@@ -72,7 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=24, help="decode steps timed per batch size")
     p.add_argument("--profile-batch", type=int, default=32)
     p.add_argument("--layouts", default="unrolled,scan",
-                   help="layer layouts to time (the profile is of the first)")
+                   help="layer layouts to time (the profile is of the first): unrolled (a KV "
+                   "buffer per layer), unrolled-stacked (unrolled layers over one stacked KV "
+                   "cache, the layout before per-layer buffers), scan")
     p.add_argument("--out", default=os.path.join(C.RESULTS, "refill_step.md"))
     a = p.parse_args(argv)
     dump = tempfile.mkdtemp(prefix="refill_hlo_")
@@ -87,15 +89,16 @@ def main(argv=None) -> int:
 
     info = C.machine_info()
     layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
-    if not layouts or set(layouts) - {"scan", "unrolled"}:
-        p.error("--layouts takes unrolled and/or scan")
+    if not layouts or set(layouts) - {"scan", "unrolled", "unrolled-stacked"}:
+        p.error("--layouts takes unrolled, unrolled-stacked and/or scan")
     st = GenerationSettings(max_new_tokens=a.steps + 1, eos_token_ids=(), pad_token_id=0)
     P = a.prompt_tokens
     toks = jnp.asarray(np.random.default_rng(0).integers(100, 20000, (1, P)), jnp.int32)
 
-    def filled(cfg, params, B):
+    def filled(cfg, params, B, lay):
         g = R.RefillingGenerator(cfg, params, st, batch_size=B, max_prompt_len=P)
-        s = R.init_state(cfg, B, g.cache_len, st.max_new_tokens, True)
+        s = R.init_state(cfg, B, g.cache_len, st.max_new_tokens, True,
+                         per_layer=False if lay == "unrolled-stacked" else None)
         for r in range(B):
             s = R.refill_row(params, s, toks, jnp.int32(P), jnp.int32(r), jnp.int32(r),
                              cfg=cfg, settings=st)
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     for B in sizes:
         for lay in layouts:  # side by side per batch size
             cfg, params = models[lay]
-            s, cache_len = filled(cfg, params, B)
+            s, cache_len = filled(cfg, params, B, lay)
             warm = R.decode_until_free(params, jax.tree.map(jnp.copy, s), jnp.int32(B),
                                        cfg=cfg, settings=st)  # compiles
             warm.done.block_until_ready()
@@ -156,7 +159,9 @@ Command: `{C.command_line()}`
 {C.machine_md(info)}
 
 Default model (SmolLM2-135M-Instruct, float32; layer layouts side by side per batch size:
-unrolled, or scanned, whose every step copies each layer's weights out of the stack), every row
+unrolled with a KV buffer per layer, unrolled over one stacked KV cache (`unrolled-stacked`,
+whose layer slices XLA:CPU copies before attention), or scanned, whose every step copies each
+layer's weights out of the stack), every row
 holding a
 {P}-token prompt, {a.steps} decode steps timed after a compile run (no refills: the decode loop
 alone, the ceiling of the distiller at that batch size).

@@ -262,7 +262,7 @@ def step_cost(cfg: ModelConfig, mcfg: MedusaConfig | None, target: str, *, tree=
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     hlo = compiled.as_text()
-    cache_shape = tuple(state.cache.k.shape)
+    cache_shape = state.cache.buffer_shape
     extra_b, extra_f = _prefix_extra(cfg, batch, cache_len, live, T, kind == "vanilla")
     copies = relayout_copies(hlo, shape=cache_shape)
     big = [c for c in relayout_copies(hlo, min_bytes=32 << 20)

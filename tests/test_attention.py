@@ -212,3 +212,25 @@ def test_decoding_through_a_kernel_gives_the_xla_loops_tokens(tiny_cfg, tiny_par
     assert medusa_generate(kcfg, mcfg, params, prompts, st)["tokens"] == \
         medusa_generate(tiny_cfg, mcfg, params, prompts, st)["tokens"]
     assert {1, st.tree.num_nodes} <= set(traced)  # decode steps and verifications used it
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"] + KERNELS)
+@pytest.mark.parametrize("new_in_cache", [False, True], ids=["tree", "decode_step"])
+def test_per_layer_buffers_equal_the_stacked_cache(impl, new_in_cache):
+    """A cache stored as one buffer per layer (unrolled layers, batch > 1) gives the stacked
+    cache's attention on every path, and comes back with only that layer's buffer touched."""
+    rng = np.random.default_rng(9)
+    T = 1 if new_in_cache else _TREE.num_nodes
+    q, kc, vc, kn, vn = _case(rng, 3, T, 4, 2, 8)
+    lengths = jnp.array([0, 37, 80], jnp.int32)
+    cm = None if new_in_cache else jnp.asarray(_TREE.attn_mask)
+    k_layers, v_layers = tuple(kc), tuple(vc)  # [B, K, S, H] each
+    for layer in (0, 1):
+        for block in (None, 16):
+            kw = dict(impl=impl, block=block, new_in_cache=new_in_cache)
+            want, _, _ = attention(q, kc, vc, layer, lengths, kn, vn, cm, **kw)
+            got, k2, v2 = attention(q, k_layers, v_layers, layer, lengths, kn, vn, cm, **kw)
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+            assert isinstance(k2, tuple) and len(k2) == 2 and isinstance(v2, tuple)
+            for a, b in zip(k2 + v2, k_layers + v_layers):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -20,7 +20,8 @@ HEADS = os.path.join(REPO, "medusa_jax", "assets", "heads", "smollm2-135m-instru
 SMALL = {
     "bench_accept_domain": ["--prompts", "1", "--max-new-tokens", "8"],
     "bench_decode": ["--num-prompts", "1", "--max-new-tokens", "8"],
-    "bench_distill": ["--conversations", "4", "--batch-size", "2", "--max-new-tokens", "8"],
+    "bench_distill": ["--conversations", "4", "--batch-size", "2", "--max-new-tokens", "8",
+                      "--stacked-kv"],
     "bench_drafting": ["--num-prompts", "1", "--max-new-tokens", "8"],
     "bench_projections": ["--questions", "1", "--rounds", "1", "--max-new-tokens", "8"],
     "bench_rows": ["--rows", "1,2", "--rounds", "1"],
@@ -32,7 +33,7 @@ SMALL = {
     "choose_tree": ["--heads", HEADS, "--sizes", "2", "--num-prompts", "1",
                     "--max-new-tokens", "8"],
     "profile_refill_step": ["--batch-sizes", "2", "--prompt-tokens", "32", "--steps", "2",
-                            "--profile-batch", "2"],
+                            "--profile-batch", "2", "--layouts", "unrolled,unrolled-stacked,scan"],
     "bench_mtbench": ["--questions", "1", "--max-new-tokens", "8", "--torch-questions", "1"],
     "step_cost": ["--models", "smollm2-135m", "--targets", "cpu", "--batches", "1",
                   "--caches", "256", "--trees", "chain4"],

@@ -5,6 +5,7 @@ node the logits of a plain forward over its root-to-node path."""
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 import jax
@@ -65,7 +66,7 @@ def test_cached_steps_equal_full_forward(scan, tiny_cfg, tiny_params, scan_cfg, 
     every position's hidden state and logits equal one full forward over the 12 tokens."""
     cfg, params = (scan_cfg, scan_params) if scan else (tiny_cfg, tiny_params)
     full_h, full_l = full_forward(cfg, params, jnp.asarray(seq)[None])
-    cache = KVCache.init(cfg, 1, 16)
+    cache = KVCache.init(cfg, 1, 16, per_layer=not scan)  # unrolled: a KV buffer per layer
     pieces = [(0, 5, None), (5, 6, None), (6, 9, np.tril(np.ones((3, 3), bool)))]
     pieces += [(i, i + 1, None) for i in range(9, 12)]
     hs, ls = [], []
@@ -80,7 +81,8 @@ def test_cached_steps_equal_full_forward(scan, tiny_cfg, tiny_params, scan_cfg, 
     np.testing.assert_allclose(np.asarray(h), np.asarray(full_h), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(lg), np.asarray(full_l), atol=1e-5, rtol=0)
     assert float(jnp.std(full_l)) > 1e-3  # the logits are not trivially constant
-    assert cache.k.shape == (cfg.num_layers, 1, cfg.num_kv_heads, 16, cfg.head_dim)
+    assert cache.dims == (cfg.num_layers, 1, cfg.num_kv_heads, 16, cfg.head_dim)
+    assert cache.per_layer == (not scan)
 
 
 def test_ragged_batch_rows_are_independent(tiny_cfg, tiny_params):
@@ -153,9 +155,9 @@ def test_bf16_params_and_activations(tiny_cfg, tiny_params, seq):
     assert err > 0  # ... but really computed in bf16
     # the cache follows the compute dtype
     cache = KVCache.init(cfg16, 1, 16)
-    assert cache.k.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves(cache.k)} == {jnp.dtype(jnp.bfloat16)}
     _, lc, cache = cached_forward(cfg16, p16, jnp.asarray(seq)[None, :5], None, cache, None)
-    assert cache.k.dtype == jnp.bfloat16 and cache.v.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves((cache.k, cache.v))} == {jnp.dtype(jnp.bfloat16)}
     np.testing.assert_allclose(np.asarray(lc)[0], l16[0, :5], atol=0.1 * scale, rtol=0)
 
 
@@ -265,8 +267,8 @@ def test_verification_without_writes_equals_the_writing_forward(tiny_cfg, tiny_p
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decode_step_copies_neither_cache_nor_weights(batch, tiny_cfg, tiny_params):
     """Performance regression, checked on the compiled HLO (no timing): one decode step of the
-    unrolled model writes its new K/V into the stacked cache in place and reads the projection
-    weights where they are. Before, XLA:CPU copied the whole ``[L, B, S, K, H]`` cache twice per
+    unrolled model writes its new K/V into the cache in place, reads each layer's keys and
+    values where they are, and reads the projection weights where they are. Before, XLA:CPU copied the whole ``[L, B, S, K, H]`` cache twice per
     layer, plus q_proj and a transposed o_proj, every step: more memory traffic than the
     weights themselves on the default model."""
     cfg = tiny_cfg
@@ -285,8 +287,22 @@ def test_decode_step_copies_neither_cache_nor_weights(batch, tiny_cfg, tiny_para
             shapes.append(tuple(int(d) for d in m.group(2).split(",") if d))
     assert shapes, "expected some (small) copies in the step; the HLO text format changed?"
     sizes = {int(np.prod(s)) for s in shapes}
-    cache_size = int(np.prod(cache.k.shape))
+    cache_size = int(np.prod(cache.dims))
     layer = tiny_params["layers_0"]["attn"]
     weight_sizes = {int(np.prod(np.shape(layer[n]))) for n in ("q_proj", "o_proj")}
     assert cache_size not in sizes, f"the decode step copies the whole KV cache: {shapes}"
+    # with more than one row each layer reads its own KV buffer: nothing but the in-place
+    # writes makes a layer-sized buffer (from a stacked cache, every layer's slice was copied
+    # out before its attention: 23 % of a batch-64 distiller step)
+    assert cache.per_layer == (batch > 1)
+    if batch > 1:
+        layer_size = cache_size // cfg.num_layers
+        made = []
+        for line in hlo[hlo.index("ENTRY"):].splitlines():
+            m = re.search(r"%([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", line)
+            if (m and m.group(3) not in ("parameter", "bitcast")
+                    and math.prod(int(d) for d in m.group(2).split(",") if d) == layer_size):
+                made.append(m.group(1))
+        assert made and all("dynamic-update-slice" in n for n in made), \
+            f"the decode step copies a layer's keys or values: {made}"
     assert not (weight_sizes & sizes), f"the decode step copies projection weights: {shapes}"

@@ -46,7 +46,8 @@ def _decode_settings(tree, num_heads: int, max_new_tokens: int):
 def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, settings,
                            batch_size: int, cache_len: int):
     """``(params, state, stop_step)`` of ``medusa_decode`` as sharded ``ShapeDtypeStruct``:
-    parameters by the logical-axis rules, the KV cache ``[L, B, K, S, H]`` with its rows over
+    parameters by the logical-axis rules, the KV cache ``[L, B, K, S, H]`` (or its per-layer
+    buffers ``[B, K, S, H]``) with its rows over
     ``data`` x ``fsdp`` (when the batch divides) and its KV heads over ``tensor``."""
     from medusa_jax.decoding.medusa import abstract_medusa_state
     from medusa_jax.training.step import abstract_params
@@ -65,7 +66,9 @@ def abstract_decode_inputs(cfg: ModelConfig, mcfg: MedusaConfig, mesh: Mesh, set
 
     def spec(path, x):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        if name in ("cache/k", "cache/v"):
+        if name.split("/")[:2] in (["cache", "k"], ["cache", "v"]):
+            if x.ndim == 4:  # one buffer per layer (unrolled layers): [B, K, S, H]
+                return PartitionSpec(rows, heads, None, None)
             return PartitionSpec(None, rows, heads, None, None)  # [L, B, K, S, H]
         if x.ndim >= 1 and x.shape[0] == batch_size and name != "rng":
             return PartitionSpec(rows, *([None] * (x.ndim - 1)))
@@ -96,7 +99,7 @@ def compile_decode(cfg: ModelConfig, mcfg: MedusaConfig, topology: str | Topolog
     tree_b = settings.tree
     params, state, stop = abstract_decode_inputs(cfg, mcfg, mesh, settings, batch_size,
                                                  cache_len)
-    kv_total = 2 * math.prod(state.cache.k.shape) * jnp.dtype(state.cache.k.dtype).itemsize
+    kv_total = 2 * math.prod(state.cache.dims) * jnp.dtype(jax.tree.leaves(state.cache.k)[0].dtype).itemsize
     rep = AOTReport(
         kind="decode", topology=topo.name, chip=topo.chip, num_devices=topo.num_devices,
         num_hosts=topo.num_hosts, mesh=dict(mesh.shape), model=model_info(cfg, mcfg),

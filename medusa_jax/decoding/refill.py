@@ -54,11 +54,11 @@ class RefillState:
 
 
 def init_state(cfg: ModelConfig, batch_size: int, cache_len: int, max_new: int,
-               keep_hidden: bool) -> RefillState:
-    """All rows empty (``done``)."""
+               keep_hidden: bool, per_layer: bool | None = None) -> RefillState:
+    """All rows empty (``done``); ``per_layer``: the cache's layout (``KVCache.init``)."""
     B = batch_size
     hid = (B, max_new if keep_hidden else 0, cfg.hidden_size)
-    return RefillState(KVCache.init(cfg, B, cache_len), jnp.zeros((B,), jnp.int32),
+    return RefillState(KVCache.init(cfg, B, cache_len, per_layer=per_layer), jnp.zeros((B,), jnp.int32),
                        jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
                        jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32),
                        jnp.zeros(hid, jnp.dtype(cfg.dtype)), jnp.int32(0))
@@ -77,14 +77,11 @@ def refill_row(params, state: RefillState, tokens, length, row, seed, *, cfg: Mo
                settings: GenerationSettings) -> RefillState:
     """Put the prompt ``tokens [1, P]`` (``length`` real tokens) in row ``row``: its cache slice
     is prefilled from scratch and its first answer token drawn."""
-    sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=row, slice_size=1, axis=1)
-    c = state.cache
-    one = KVCache(sl(c.k), sl(c.v), jnp.zeros((1,), jnp.int32))
+    one = state.cache.row(row)
     last_h, one = prefill(cfg, params, tokens, length[None], one)  # [1, D]
     tok = _draw(llama.logits(cfg, params, last_h), seed[None], jnp.zeros((1,), jnp.int32),
                 settings)
-    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=row, axis=1)
-    cache = KVCache(put(c.k, one.k), put(c.v, one.v), c.lengths.at[row].set(length))
+    cache = state.cache.put_row(row, one, length)
     max_new = settings.max_new_tokens
     out = state.out.at[row].set(jnp.full((max_new,), settings.pad_token_id, jnp.int32))
     out = out.at[row, 0].set(tok[0])
@@ -145,11 +142,13 @@ class RefillingGenerator:
     ``PROMPT_STEP`` plus ``max_new_tokens`` slots)."""
 
     def __init__(self, cfg: ModelConfig, params, settings: GenerationSettings, *,
-                 batch_size: int, max_prompt_len: int, keep_hidden: bool = False):
+                 batch_size: int, max_prompt_len: int, keep_hidden: bool = False,
+                 per_layer: bool | None = None):
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise GenerationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         self.cfg, self.params, self.settings = cfg, params, settings
         self.batch_size, self.keep_hidden = batch_size, keep_hidden
+        self.per_layer = per_layer  # the cache's layout (KVCache.init's default when None)
         self.max_prompt_len = int(max_prompt_len)
         check_lengths(cfg, self.max_prompt_len, settings.max_new_tokens)
         self.cache_len = prompt_width(self.max_prompt_len) + settings.max_new_tokens
@@ -163,7 +162,8 @@ class RefillingGenerator:
         conversation's next turn); the run ends when the queue is empty and every row is done."""
         cfg, st = self.cfg, self.settings
         B = self.batch_size
-        state = init_state(cfg, B, self.cache_len, st.max_new_tokens, self.keep_hidden)
+        state = init_state(cfg, B, self.cache_len, st.max_new_tokens, self.keep_hidden,
+                           self.per_layer)
         tags: list[Any] = [None] * B
         while True:
             for r in range(B):

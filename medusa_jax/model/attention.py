@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax.config import ATTENTION_IMPLS, ConfigError
+from medusa_jax.model.cache import layer_buffer
 
 # The prefix is read in blocks of at most this many slots; a cache of up to this length is one
 # block (one loop trip when any row is live).
@@ -106,7 +107,10 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     """Attention of ``T`` new tokens over a cache prefix and themselves.
 
     ``q: [B, T, N, H]``; ``k_cache, v_cache``: the stacked cache ``[L, B, K, S, H]`` (layer
-    ``layer`` is read) or None (no prefix); ``lengths: [B]`` committed slots per row;
+    ``layer`` is read), a tuple of per-layer buffers ``[B, K, S, H]`` (``layer`` a Python int:
+    that layer's buffer is read as a stack of one, a free reshape, and only it rides through the
+    attention loops: carried together, the other layers' buffers were copied) or None (no
+    prefix); ``lengths: [B]`` committed slots per row;
     ``k_new, v_new: [B, T, K, H]``; ``chunk_mask``: ``[T, T]`` or ``[B, T, T]`` bool among the
     new tokens (None = causal). ``new_in_cache``: the new K/V are already written at slots
     ``[lengths, lengths + T)`` (a decode step or a prompt); then a short causal chunk is read
@@ -114,6 +118,20 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     dtype, k_cache, v_cache)``: go on with these caches (the same values), not the ones passed
     in.
     """
+    if isinstance(k_cache, (tuple, list)):
+        out, kl, vl = _attention(q, k_cache[layer][None], v_cache[layer][None], 0, lengths,
+                                 k_new, v_new, chunk_mask, impl=impl, block=block,
+                                 new_in_cache=new_in_cache)
+        k_cache = tuple(k_cache[:layer]) + (kl[0],) + tuple(k_cache[layer + 1:])
+        v_cache = tuple(v_cache[:layer]) + (vl[0],) + tuple(v_cache[layer + 1:])
+        return out, k_cache, v_cache
+    return _attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask, impl=impl,
+                      block=block, new_in_cache=new_in_cache)
+
+
+def _attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None, *,
+               impl: str = "auto", block: int | None = None, new_in_cache: bool = False):
+    """:func:`attention` on a stacked cache."""
     impl = resolve_impl(impl)
     if impl == "reference":
         out = attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask)
@@ -224,8 +242,7 @@ def attention_reference(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk
         cm = cm if cm.ndim == 3 else cm[None]
     cm = jnp.broadcast_to(cm, (B, T, T))
     if k_cache is not None:
-        kc = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(dt)
-        vc = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(dt)
+        kc, vc = layer_buffer(k_cache, layer).astype(dt), layer_buffer(v_cache, layer).astype(dt)
         kc, vc = kc.transpose(0, 2, 1, 3), vc.transpose(0, 2, 1, 3)  # [B, S, K, H]
         S = kc.shape[1]
         committed = jnp.arange(S)[None, None, :] < lengths[:, None, None]  # [B, 1, S]

@@ -73,7 +73,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None, layer_idx=None):
         """``x: [B, T, D]``. Without a cache, ``mask: [B, T, T]`` (training). With
-        ``cache_kv=(k, v)`` (the stacked cache, ``[L, B, K, S, H]``) the tokens attend to layer
+        ``cache_kv=(k, v)`` (the stacked cache ``[L, B, K, S, H]``, or a tuple of per-layer
+        buffers ``[B, K, S, H]``) the tokens attend to layer
         ``layer_idx``'s committed prefix (``starts: [B]`` slots per row) and, as ``mask``
         (``[T, T]`` / ``[B, T, T]``, None = causal) allows, to each other; then their K/V are
         written at ``starts`` (``write``) or returned apart (a Medusa tree's buffer)."""
@@ -104,7 +105,8 @@ class Attention(nn.Module):
             out = attention_reference(q, None, None, None, None, k, v, mask)
         else:
             ck, cv = cache_kv
-            k, v = k.astype(ck.dtype), v.astype(cv.dtype)  # as stored (a bf16 cache rounds)
+            kv_dtype = jax.tree.leaves(ck)[0].dtype  # stacked, or one buffer per layer
+            k, v = k.astype(kv_dtype), v.astype(kv_dtype)  # as stored (a bf16 cache rounds)
             if self.write:  # only the T new slots are written, in place (see write_chunk)
                 ck, cv = write_chunk(ck, k, layer_idx, starts), write_chunk(cv, v, layer_idx, starts)
             out, ck, cv = attention(q, ck, cv, layer_idx, starts, k.astype(dt), v.astype(dt), mask,
@@ -185,7 +187,10 @@ class LlamaModel(nn.Module):
         )
         block = Block
         if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+            # unrolled: the layer index stays a Python int (it picks the layer's KV buffer);
+            # static_argnums counts the module as argument 0
+            block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=not cfg.scan_layers,
+                             static_argnums=() if cfg.scan_layers else (2,))
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

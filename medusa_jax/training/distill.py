@@ -155,6 +155,9 @@ class Distiller:
         if pad_token_id is None:
             pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self.pad_token_id = int(pad_token_id)
+        # the refill engine's KV cache layout (None: KVCache.init's default, a buffer per layer
+        # for unrolled layers; False: one stack, the layout before, for side-by-side benchmarks)
+        self.kv_per_layer: bool | None = None
 
     @classmethod
     def from_lm(cls, lm) -> Distiller:
