@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax.config import ATTENTION_IMPLS, ConfigError
-from medusa_jax.model.cache import layer_buffer
+from medusa_jax.model.cache import is_per_layer, layer_buffer
 
 # The prefix is read in blocks of at most this many slots; a cache of up to this length is one
 # block (one loop trip when any row is live).
@@ -118,7 +118,7 @@ def attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=None
     dtype, k_cache, v_cache)``: go on with these caches (the same values), not the ones passed
     in.
     """
-    if isinstance(k_cache, (tuple, list)):
+    if is_per_layer(k_cache):
         out, kl, vl = _attention(q, k_cache[layer][None], v_cache[layer][None], 0, lengths,
                                  k_new, v_new, chunk_mask, impl=impl, block=block,
                                  new_in_cache=new_in_cache)

@@ -31,7 +31,7 @@ class KVCache:
 
     @property
     def per_layer(self) -> bool:
-        return isinstance(self.k, (tuple, list))
+        return is_per_layer(self.k)
 
     @property
     def dims(self) -> tuple:
@@ -113,7 +113,7 @@ class KVCache:
         def put(cache, tree):
             picked = jnp.take_along_axis(tree, path[None, :, :, None, None], axis=2)  # [L, B, P, K, H]
             picked = jnp.where(keep, picked, 0)
-            if isinstance(cache, (tuple, list)):  # per layer: the same writes, layer by layer
+            if is_per_layer(cache):  # per layer: the same writes, layer by layer
                 picked = picked.transpose(0, 1, 3, 2, 4).astype(cache[0].dtype)
                 out = []
                 for layer, buf in enumerate(cache):
@@ -132,9 +132,14 @@ class KVCache:
                        lengths=self.lengths + n.astype(jnp.int32))
 
 
+def is_per_layer(cache) -> bool:
+    """Whether a cache's keys (or values) are a tuple of per-layer buffers, not one stack."""
+    return isinstance(cache, (tuple, list))
+
+
 def kv_dims(cache) -> tuple:
     """``(L, B, K, S, H)`` of a stacked cache buffer or a tuple of per-layer ones."""
-    if isinstance(cache, (tuple, list)):
+    if is_per_layer(cache):
         return (len(cache),) + tuple(cache[0].shape)
     return tuple(cache.shape)
 
@@ -142,7 +147,7 @@ def kv_dims(cache) -> tuple:
 def layer_buffer(cache, layer) -> jax.Array:
     """Layer ``layer``'s keys or values ``[B, K, S, H]``: its own buffer when stored per layer
     (``layer`` a Python int), else read out of the stack (a copy on XLA:CPU)."""
-    if isinstance(cache, (tuple, list)):
+    if is_per_layer(cache):
         return cache[layer]
     return jax.lax.dynamic_index_in_dim(cache, layer, 0, keepdims=False)
 
@@ -150,7 +155,7 @@ def layer_buffer(cache, layer) -> jax.Array:
 def _map(f, buffers, *others):
     """``f(buffer, *other, axis)`` on a stacked buffer (rows on axis 1) or each per-layer one
     (rows on axis 0)."""
-    if isinstance(buffers, (tuple, list)):
+    if is_per_layer(buffers):
         return tuple(f(b, *(o[i] for o in others), 0) for i, b in enumerate(buffers))
     return f(buffers, *others, 1)
 
@@ -166,7 +171,7 @@ def write_chunk(cache, new: jax.Array, layer, starts: jax.Array):
     relay it out for the tree attention (benchmarks/results/step_cost.md). The caller sizes the
     cache so that ``starts + T`` fits (``check_lengths``): an update past the end is clamped."""
     B, T = new.shape[:2]
-    if isinstance(cache, (tuple, list)):
+    if is_per_layer(cache):
         buf = cache[layer]
         upd = new.astype(buf.dtype).transpose(0, 2, 1, 3)  # [B, K, T, H]
         for b in range(B):

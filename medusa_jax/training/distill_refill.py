@@ -120,7 +120,7 @@ def refill_pass(dist, convs: list, settings, out_file, *, seed: int, batch_size:
     ``out_file`` in selection order (see the module docstring)."""
     gen = RefillingGenerator(dist.cfg, dist.params, settings, batch_size=batch_size,
                              max_prompt_len=max_prompt_tokens, keep_hidden=hidden_file is not None,
-                             per_layer=getattr(dist, "kv_per_layer", None))
+                             per_layer=dist.kv_per_layer)
     todo = [i for i, c in enumerate(convs) if not c.done]
     tokens: dict[int, list] = {i: [] for i in todo}
     hidden: dict[int, list] = {i: [] for i in todo}
