@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             dist.kv_per_layer = layout.get(e)
             s = dist.run(None, files[e], **kw, **engines[e])
             rows[e].append({k: s[k] for k in ("tokens_generated", "seconds", "tokens_per_second",
-                                              "written", "batches")})
+                                              "written", "batches", "row_occupancy")})
             print(f"{e}: {s['tokens_per_second']:.1f} answer tok/s ({s['tokens_generated']} "
                   f"tokens, {s['seconds']:.0f}s)", file=sys.stderr)
 
@@ -83,9 +83,14 @@ def main(argv=None) -> int:
         f"<= {args.max_new_tokens} new tokens, batch {args.batch_size}; timed after a warm-up "
         "run of each engine on the same prompts (compile excluded). The refill engine also "
         "keeps the hidden states (written to disk).", "",
-        C.md_table(["engine", "answer tok/s (best round)", "answer tokens", "seconds"],
-                   [[e, best[e], rows[e][-1]["tokens_generated"], rows[e][-1]["seconds"]]
-                    for e in engines]),
+        C.md_table(["engine", "answer tok/s (best round)", "answer tokens", "seconds",
+                    "row occupancy"],
+                   [[e, best[e], rows[e][-1]["tokens_generated"], rows[e][-1]["seconds"],
+                     f"{rows[e][-1]['row_occupancy']:.0%}"] for e in engines]),
+        "", "Row occupancy: of the batch rows the decode steps computed, the share that held a "
+        "live answer (the rest waited: for the batch's longest answer in static batches, for "
+        "the queue's last answers at the end of a refilling run, which a run of only a few "
+        "batches' worth of conversations is dominated by).",
         "", f"Refill / batch: **{ratio:.2f}x**. Identical greedy answers: {same} of {len(a)} "
         "conversations.",
     ]

@@ -3,12 +3,14 @@ SmolLM2 tokenizer (the tiny config takes its 49152-token vocabulary)."""
 
 from __future__ import annotations
 
+import collections
 import json
 
 import jax
 import pytest
 
 from medusa_jax.config import tiny_config
+from medusa_jax.decoding.common import GenerationSettings
 from medusa_jax.training.distill import Distiller, read_done_ids
 
 MAX_NEW = 6
@@ -69,10 +71,10 @@ class Recorder:
         self.calls = []
         real = distiller.generate_batch
 
-        def wrapped(prompts, settings, batch_size, seed):
+        def wrapped(prompts, settings, batch_size, seed, **kw):
             if fail_on_call is not None and len(self.calls) + 1 == fail_on_call:
                 raise KeyboardInterrupt("simulated interruption")
-            outs = real(prompts, settings, batch_size, seed)
+            outs = real(prompts, settings, batch_size, seed, **kw)
             self.calls.append((prompts, outs))
             return outs
 
@@ -257,6 +259,25 @@ def test_refill_engine_writes_the_batch_engines_records(distiller, source, tmp_p
     assert [r["id"] for r in _records(b)] == ["a", "b", "c", "d", "e"]
     assert sb["skipped"] == sa["skipped"] and sb["turns_answered"] == sa["turns_answered"] == 7
     assert sb["tokens_generated"] == sa["tokens_generated"]
+    for summary in (sa, sb):
+        assert 0 < summary["row_occupancy"] <= 1
+
+
+def test_batch_engine_counts_its_busy_rows(distiller):
+    """A static batch decodes until its longest answer ends: its decode steps are that answer's
+    length - 1 (the first token comes from the prefill), and only the real rows' other tokens
+    are busy row-steps (the filler rows and the rows done early are not)."""
+    texts = ("Hi.", "Count to three.", "Why is the sky blue?")
+    prompts = [distiller.encode([{"role": "user", "content": t}]) for t in texts]
+    free = distiller.generate_batch(prompts, GenerationSettings(12), 4, 0)
+    # an EOS the random model hits at different depths, so the rows finish apart
+    eos = collections.Counter(t for a in free for t in a[1:10]).most_common(1)[0][0]
+    counts = collections.Counter()
+    outs = distiller.generate_batch(prompts, GenerationSettings(12, eos_token_ids=(eos,)), 4, 0,
+                                    counts=counts)
+    assert len({len(t) for t in outs}) > 1, "the test needs answers of different lengths"
+    assert counts["decode_steps"] == max(len(t) for t in outs) - 1
+    assert counts["busy_row_steps"] == sum(len(t) - 1 for t in outs)
 
 
 def test_refill_interrupted_and_resumed_gives_the_same_files(distiller, source, tmp_path,

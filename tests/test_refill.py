@@ -51,6 +51,10 @@ def test_refilled_rows_equal_each_prompt_decoded_alone(tiny_cfg, tiny_params, eo
     # static batches of 2 need (each as long as its longer answer)
     static = sum(max(len(a) for a in alone[i:i + 2]) - 1 for i in range(0, len(alone), 2))
     assert gen.steps <= static
+    # each answer's first token is drawn by its refill, every other one by a decode step in
+    # which its row was live; near the end rows wait for the queue's last answer
+    assert gen.busy_row_steps == sum(len(a) for a in alone) - len(PROMPTS)
+    assert 0 < gen.occupancy == gen.busy_row_steps / (2 * gen.steps) < 1
 
 
 def test_kept_hidden_states_are_the_full_forward_states(tiny_cfg, tiny_params, eos_settings):

@@ -51,6 +51,7 @@ class RefillState:
     seeds: jax.Array  # [B] int32: the row's sampling seed
     hidden: jax.Array  # [B, max_new, D] (or [B, 0, D] without keep_hidden)
     step: jax.Array  # scalar: decode steps run
+    busy: jax.Array  # scalar: row-steps that produced a token (live rows summed over steps)
 
 
 def init_state(cfg: ModelConfig, batch_size: int, cache_len: int, max_new: int,
@@ -61,7 +62,7 @@ def init_state(cfg: ModelConfig, batch_size: int, cache_len: int, max_new: int,
     return RefillState(KVCache.init(cfg, B, cache_len, per_layer=per_layer), jnp.zeros((B,), jnp.int32),
                        jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
                        jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32),
-                       jnp.zeros(hid, jnp.dtype(cfg.dtype)), jnp.int32(0))
+                       jnp.zeros(hid, jnp.dtype(cfg.dtype)), jnp.int32(0), jnp.int32(0))
 
 
 def _draw(logits, seeds, index, settings: GenerationSettings):
@@ -121,7 +122,8 @@ def decode_until_free(params, state: RefillState, want_done, *, cfg: ModelConfig
         done = s.done | (live & is_eos(tok, settings.eos_token_ids)) | (n_out >= max_new)
         last = jnp.where(live, tok, s.last)
         return s.replace(cache=cache.advance(live.astype(jnp.int32)), last=last, out=out,
-                         n_out=n_out, done=done, hidden=hidden, step=s.step + 1)
+                         n_out=n_out, done=done, hidden=hidden, step=s.step + 1,
+                         busy=s.busy + jnp.sum(live.astype(jnp.int32)))
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -153,7 +155,14 @@ class RefillingGenerator:
         check_lengths(cfg, self.max_prompt_len, settings.max_new_tokens)
         self.cache_len = prompt_width(self.max_prompt_len) + settings.max_new_tokens
         self.steps = 0  # decode steps run (each advances every live row by one token)
+        self.busy_row_steps = 0  # of those steps' batch_size rows each, the live ones
         self.refills = 0
+
+    @property
+    def occupancy(self) -> float:
+        """The share of the decode steps' rows that held a live answer (the rest computed for
+        nothing: rows waiting for the queue's last answers to finish, the tail of a run)."""
+        return self.busy_row_steps / (self.steps * self.batch_size) if self.steps else 0.0
 
     def run(self, queue: collections.deque) -> Iterator[tuple[Any, list[int], np.ndarray | None]]:
         """Yield ``(tag, tokens, hidden)`` for each entry ``(tag, prompt_ids, seed)`` of
@@ -183,10 +192,11 @@ class RefillingGenerator:
                 return
             done = np.asarray(state.done)
             if not any(done[r] for r in range(B) if tags[r] is not None):
-                before = int(state.step)
+                before, busy = int(state.step), int(state.busy)
                 state = decode_until_free(self.params, state, jnp.int32(int(done.sum()) + 1),
                                           cfg=cfg, settings=st)
                 self.steps += int(state.step) - before
+                self.busy_row_steps += int(state.busy) - busy
                 done = np.asarray(state.done)
             out, n_out = np.asarray(state.out), np.asarray(state.n_out)
             free = [r for r in range(B) if tags[r] is not None and done[r]]

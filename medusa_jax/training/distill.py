@@ -167,8 +167,12 @@ class Distiller:
 
     # ---------------------------------------------------------------------------- generation
     def generate_batch(self, prompts: list[list[int]], settings: GenerationSettings,
-                       batch_size: int, seed: int) -> list[list[int]]:
+                       batch_size: int, seed: int,
+                       counts: collections.Counter | None = None) -> list[list[int]]:
         """New tokens (EOS included when hit) for up to ``batch_size`` token-id prompts.
+        ``counts`` (optional) gains the call's ``decode_steps`` and ``busy_row_steps`` (decode
+        steps of the real rows that produced one of their tokens: the first comes from the
+        prefill).
 
         The batch is filled up to ``batch_size`` rows with copies of the shortest prompt so
         every call has the same batch shape (one compilation per prompt-length bucket) and
@@ -180,6 +184,9 @@ class Distiller:
         filler = min(prompts, key=len)
         rows = list(prompts) + [filler] * (batch_size - n)
         out = vanilla_generate(self.cfg, self.params, rows, settings, seed=seed)
+        if counts is not None:
+            counts["decode_steps"] += out["steps"] - 1
+            counts["busy_row_steps"] += sum(max(len(t) - 1, 0) for t in out["tokens"][:n])
         return out["tokens"][:n]
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
@@ -213,7 +220,9 @@ class Distiller:
         Returns a summary: ``written``, ``skipped`` (reason -> count; ``already_done`` for
         resumed ids), ``turns_dropped`` (reason -> count), ``turns_answered``,
         ``truncated_answers``, ``tokens_generated``, ``seconds``, ``conversations_per_second``,
-        ``tokens_per_second``, ``batches`` and ``source`` (the input's read report)."""
+        ``tokens_per_second``, ``batches``, ``row_occupancy`` (of the batch rows the decode steps
+        computed, the share that held a live answer; None when no step ran) and ``source``
+        (the input's read report)."""
         t_start = time.perf_counter()
         ctx = self.cfg.max_position_embeddings
         out_path = check_output_file(out_path, OUT_WHAT)
@@ -317,6 +326,9 @@ class Distiller:
             "truncated_answers": stats["truncated_answers"],
             "tokens_generated": stats["tokens"],
             "batches": stats["batches"],
+            # the share of the decode steps' batch rows that computed a token of a real answer
+            "row_occupancy": (stats["busy_row_steps"] / (stats["decode_steps"] * batch_size)
+                              if stats["decode_steps"] else None),
             "seconds": seconds,
             "conversations_per_second": stats["written"] / seconds if seconds > 0 else 0.0,
             "tokens_per_second": stats["tokens"] / seconds if seconds > 0 else 0.0,
@@ -409,7 +421,8 @@ class Distiller:
             # the seed depends only on the group's place in the plan, so a resumed run samples
             # exactly what the uninterrupted run would have
             sub_seed = int(np.random.SeedSequence([seed, group_index, turn]).generate_state(1)[0])
-            outs = self.generate_batch(prompts, settings, batch_size, sub_seed & 0x7FFFFFFF)
+            outs = self.generate_batch(prompts, settings, batch_size, sub_seed & 0x7FFFFFFF,
+                                       counts=stats)
             stats["batches"] += 1
             for c, toks in zip(rows, outs, strict=True):
                 hit_eos = bool(toks) and toks[-1] in self.eos_token_ids

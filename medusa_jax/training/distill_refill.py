@@ -192,3 +192,5 @@ def refill_pass(dist, convs: list, settings, out_file, *, seed: int, batch_size:
             stats["written"] += len(lines)
         bar.update(1)
     stats["batches"] += gen.refills
+    stats["decode_steps"] += gen.steps
+    stats["busy_row_steps"] += gen.busy_row_steps
