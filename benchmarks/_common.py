@@ -88,6 +88,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_identity() -> dict:
+    """Family, model number and widest vector extension of the first CPU (``/proc/cpuinfo``):
+    machines sold under one model name differ by 3x on these benchmarks (an "AMD EPYC" with
+    AVX-512 against one without), so a results file must say which it ran on."""
+    out = {"cpu_family": None, "cpu_model_number": None, "cpu_vector": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = (x.strip() for x in line.partition(":"))
+                if key == "cpu family" and out["cpu_family"] is None:
+                    out["cpu_family"] = int(val)
+                elif key == "model" and out["cpu_model_number"] is None:
+                    out["cpu_model_number"] = int(val)
+                elif key == "flags":
+                    flags = set(val.split())
+                    out["cpu_vector"] = next((v for v in ("avx512f", "avx2", "avx", "sse4_2")
+                                              if v in flags), "none")
+                    break
+    except (OSError, ValueError):
+        pass
+    return out
+
+
 def mem_total_gib() -> float | None:
     try:
         with open("/proc/meminfo") as f:
@@ -124,6 +147,7 @@ def machine_info() -> dict:
         "nproc": int(nproc) if nproc else None,
         "os_cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        **cpu_identity(),
         "mem_total_gib": mem_total_gib(),
         "load_average_at_start": load_average(),
         "python": platform.python_version(),
@@ -142,8 +166,9 @@ def machine_info() -> dict:
 def machine_md(info: dict) -> str:
     rows = [
         ("date", info["date_utc"]),
-        ("CPU", f"{info['cpu_model']}, nproc = {info['nproc']}, "
-                f"{info['mem_total_gib']} GiB RAM"),
+        ("CPU", f"{info['cpu_model']} (family {info.get('cpu_family')}, model "
+                f"{info.get('cpu_model_number')}, widest vectors {info.get('cpu_vector')}), "
+                f"nproc = {info['nproc']}, {info['mem_total_gib']} GiB RAM"),
         ("load average (1/5/15 min) at start / end",
          f"{info.get('load_average_at_start')} / {info.get('load_average_at_end')}"),
         ("versions", f"python {info['python']}, jax {info['jax']} (jaxlib {info['jaxlib']}, "

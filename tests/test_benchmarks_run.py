@@ -64,6 +64,8 @@ def test_benchmark_runs_and_records_its_machine(name, tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     machine = res["machine"]
     assert machine["date_utc"] and machine["cpu_model"] and machine["jax_backend"] == "cpu"
+    # the model name alone does not tell an AVX-512 host from one without (3x apart)
+    assert machine["cpu_family"] is not None and machine["cpu_vector"]
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     assert machine["git_head"] == (head or None)
