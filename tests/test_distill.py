@@ -261,6 +261,8 @@ def test_refill_engine_writes_the_batch_engines_records(distiller, source, tmp_p
     assert sb["tokens_generated"] == sa["tokens_generated"]
     for summary in (sa, sb):
         assert 0 < summary["row_occupancy"] <= 1
+    assert sa["queue_tokens_per_second"] is None and sa["queue_token_share"] is None
+    assert sb["queue_tokens_per_second"] > 0 and 0 < sb["queue_token_share"] < 1
 
 
 def test_batch_engine_counts_its_busy_rows(distiller):

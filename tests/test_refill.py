@@ -55,6 +55,10 @@ def test_refilled_rows_equal_each_prompt_decoded_alone(tiny_cfg, tiny_params, eo
     # which its row was live; near the end rows wait for the queue's last answer
     assert gen.busy_row_steps == sum(len(a) for a in alone) - len(PROMPTS)
     assert 0 < gen.occupancy == gen.busy_row_steps / (2 * gen.steps) < 1
+    # the queue ran empty once every prompt was admitted (each refill drew a token), before
+    # the last answers were done
+    assert gen.queue_seconds > 0
+    assert len(PROMPTS) <= gen.queue_tokens < sum(len(a) for a in alone)
 
 
 def test_kept_hidden_states_are_the_full_forward_states(tiny_cfg, tiny_params, eos_settings):

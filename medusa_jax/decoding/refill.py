@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,10 @@ class RefillingGenerator:
         self.steps = 0  # decode steps run (each advances every live row by one token)
         self.busy_row_steps = 0  # of those steps' batch_size rows each, the live ones
         self.refills = 0
+        # the run until its queue first ran empty (every row busy; after it the rows drain):
+        # wall seconds and tokens drawn (the refills' first tokens and the decode steps' ones)
+        self.queue_seconds: float | None = None
+        self.queue_tokens = 0
 
     @property
     def occupancy(self) -> float:
@@ -174,6 +179,7 @@ class RefillingGenerator:
         state = init_state(cfg, B, self.cache_len, st.max_new_tokens, self.keep_hidden,
                            self.per_layer)
         tags: list[Any] = [None] * B
+        t0 = time.perf_counter()
         while True:
             for r in range(B):
                 if tags[r] is None and queue:
@@ -188,6 +194,10 @@ class RefillingGenerator:
                                        jnp.int32(r), jnp.int32(seed), cfg=cfg, settings=st)
                     tags[r] = tag
                     self.refills += 1
+            if not queue and self.queue_seconds is None:
+                jax.block_until_ready(state.last)
+                self.queue_seconds = time.perf_counter() - t0
+                self.queue_tokens = self.refills + self.busy_row_steps
             if all(t is None for t in tags):
                 return
             done = np.asarray(state.done)

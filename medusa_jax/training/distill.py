@@ -221,7 +221,10 @@ class Distiller:
         resumed ids), ``turns_dropped`` (reason -> count), ``turns_answered``,
         ``truncated_answers``, ``tokens_generated``, ``seconds``, ``conversations_per_second``,
         ``tokens_per_second``, ``batches``, ``row_occupancy`` (of the batch rows the decode steps
-        computed, the share that held a live answer; None when no step ran) and ``source``
+        computed, the share that held a live answer; None when no step ran),
+        ``queue_tokens_per_second`` and ``queue_token_share`` (refill engine: the rate until its
+        queue first ran empty, every row busy, and the share of the tokens drawn by then; None
+        for the batch engine) and ``source``
         (the input's read report)."""
         t_start = time.perf_counter()
         ctx = self.cfg.max_position_embeddings
@@ -329,6 +332,12 @@ class Distiller:
             # the share of the decode steps' batch rows that computed a token of a real answer
             "row_occupancy": (stats["busy_row_steps"] / (stats["decode_steps"] * batch_size)
                               if stats["decode_steps"] else None),
+            # refill engine: the rate while its queue lasted (every row busy: what a long run
+            # sees), and the share of the run's tokens drawn by then
+            "queue_tokens_per_second": (stats["queue_tokens"] / stats["queue_seconds"]
+                                        if stats["queue_seconds"] else None),
+            "queue_token_share": (stats["queue_tokens"] / stats["tokens"]
+                                  if stats["queue_seconds"] and stats["tokens"] else None),
             "seconds": seconds,
             "conversations_per_second": stats["written"] / seconds if seconds > 0 else 0.0,
             "tokens_per_second": stats["tokens"] / seconds if seconds > 0 else 0.0,

@@ -194,3 +194,6 @@ def refill_pass(dist, convs: list, settings, out_file, *, seed: int, batch_size:
     stats["batches"] += gen.refills
     stats["decode_steps"] += gen.steps
     stats["busy_row_steps"] += gen.busy_row_steps
+    if gen.queue_seconds is not None:
+        stats["queue_seconds"] += gen.queue_seconds
+        stats["queue_tokens"] += gen.queue_tokens
