@@ -52,7 +52,6 @@ class RefillState:
     seeds: jax.Array  # [B] int32: the row's sampling seed
     hidden: jax.Array  # [B, max_new, D] (or [B, 0, D] without keep_hidden)
     step: jax.Array  # scalar: decode steps run
-    busy: jax.Array  # scalar: row-steps that produced a token (live rows summed over steps)
 
 
 def init_state(cfg: ModelConfig, batch_size: int, cache_len: int, max_new: int,
@@ -63,7 +62,7 @@ def init_state(cfg: ModelConfig, batch_size: int, cache_len: int, max_new: int,
     return RefillState(KVCache.init(cfg, B, cache_len, per_layer=per_layer), jnp.zeros((B,), jnp.int32),
                        jnp.zeros((B, max_new), jnp.int32), jnp.zeros((B,), jnp.int32),
                        jnp.ones((B,), bool), jnp.zeros((B,), jnp.int32),
-                       jnp.zeros(hid, jnp.dtype(cfg.dtype)), jnp.int32(0), jnp.int32(0))
+                       jnp.zeros(hid, jnp.dtype(cfg.dtype)), jnp.int32(0))
 
 
 def _draw(logits, seeds, index, settings: GenerationSettings):
@@ -123,8 +122,7 @@ def decode_until_free(params, state: RefillState, want_done, *, cfg: ModelConfig
         done = s.done | (live & is_eos(tok, settings.eos_token_ids)) | (n_out >= max_new)
         last = jnp.where(live, tok, s.last)
         return s.replace(cache=cache.advance(live.astype(jnp.int32)), last=last, out=out,
-                         n_out=n_out, done=done, hidden=hidden, step=s.step + 1,
-                         busy=s.busy + jnp.sum(live.astype(jnp.int32)))
+                         n_out=n_out, done=done, hidden=hidden, step=s.step + 1)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -156,12 +154,18 @@ class RefillingGenerator:
         check_lengths(cfg, self.max_prompt_len, settings.max_new_tokens)
         self.cache_len = prompt_width(self.max_prompt_len) + settings.max_new_tokens
         self.steps = 0  # decode steps run (each advances every live row by one token)
-        self.busy_row_steps = 0  # of those steps' batch_size rows each, the live ones
         self.refills = 0
+        self.tokens_yielded = 0  # in the answers handed out
         # the run until its queue first ran empty (every row busy; after it the rows drain):
         # wall seconds and tokens drawn (the refills' first tokens and the decode steps' ones)
         self.queue_seconds: float | None = None
         self.queue_tokens = 0
+
+    @property
+    def busy_row_steps(self) -> int:
+        """Of the decode steps' ``batch_size`` rows each, the live ones (after a run: every
+        token of an answer but its first, which its refill drew, came from one)."""
+        return self.tokens_yielded - self.refills
 
     @property
     def occupancy(self) -> float:
@@ -195,18 +199,18 @@ class RefillingGenerator:
                     tags[r] = tag
                     self.refills += 1
             if not queue and self.queue_seconds is None:
-                jax.block_until_ready(state.last)
+                n_out = np.asarray(state.n_out)  # waits for the refills just dispatched
                 self.queue_seconds = time.perf_counter() - t0
-                self.queue_tokens = self.refills + self.busy_row_steps
+                self.queue_tokens = self.tokens_yielded + int(
+                    sum(n_out[r] for r in range(B) if tags[r] is not None))
             if all(t is None for t in tags):
                 return
             done = np.asarray(state.done)
             if not any(done[r] for r in range(B) if tags[r] is not None):
-                before, busy = int(state.step), int(state.busy)
+                before = int(state.step)
                 state = decode_until_free(self.params, state, jnp.int32(int(done.sum()) + 1),
                                           cfg=cfg, settings=st)
                 self.steps += int(state.step) - before
-                self.busy_row_steps += int(state.busy) - busy
                 done = np.asarray(state.done)
             out, n_out = np.asarray(state.out), np.asarray(state.n_out)
             free = [r for r in range(B) if tags[r] is not None and done[r]]
@@ -219,4 +223,5 @@ class RefillingGenerator:
             for j, r in enumerate(free):
                 n = int(n_out[r])
                 tag, tags[r] = tags[r], None
+                self.tokens_yielded += n
                 yield tag, out[r, :n].tolist(), None if hid is None else hid[j, :n]

@@ -224,8 +224,7 @@ class Distiller:
         computed, the share that held a live answer; None when no step ran),
         ``queue_tokens_per_second`` and ``queue_token_share`` (refill engine: the rate until its
         queue first ran empty, every row busy, and the share of the tokens drawn by then; None
-        for the batch engine) and ``source``
-        (the input's read report)."""
+        for the batch engine) and ``source`` (the input's read report)."""
         t_start = time.perf_counter()
         ctx = self.cfg.max_position_embeddings
         out_path = check_output_file(out_path, OUT_WHAT)
