@@ -52,7 +52,7 @@ from medusa_jax.tokenizer import eos_token_ids as tokenizer_eos_ids
 from medusa_jax.training.data.conversations import normalize_conversation
 from medusa_jax.training.data.sources import DataReport, iter_raw_records, sharegpt_path
 from medusa_jax.training.distill_refill import hidden_path, open_hidden, refill_pass
-from medusa_jax.training.files import check_output_file, replace_file
+from medusa_jax.training.files import check_output_file, read_done_ids, replace_file
 
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 DEFAULT_MAX_PROMPT_TOKENS = 512
@@ -85,57 +85,6 @@ class _Conv:
         for user, answer in zip(self.users, self.answers, strict=False):
             turns += [{"from": "human", "value": user}, {"from": "gpt", "value": answer}]
         return {"id": self.id, "conversations": turns, "truncated": self.truncated}
-
-
-def read_done_ids(path: str | os.PathLike, repair: bool = True) -> tuple[set[str], int]:
-    """Ids of the records already in a distillation output, and the number of malformed lines.
-
-    Only the last line can be half written (a crash inside a write); with ``repair`` it is cut
-    off the file so the resumed run appends after the last complete record. A last line that
-    parses but lacks its newline gets the newline. Malformed lines elsewhere are left in place
-    and counted."""
-    path = os.fspath(path)
-    done: set[str] = set()
-    bad = 0
-    if not os.path.exists(path):
-        return done, bad
-    good_end = 0  # byte offset just past the last complete line
-    tail = b""
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                tail = line
-                break
-            good_end += len(line)
-            if not line.strip():
-                continue
-            rid = _record_id(line)
-            if rid is None:
-                bad += 1
-            else:
-                done.add(rid)
-    if tail:
-        rid = _record_id(tail) if tail.strip() else None
-        if repair:
-            with open(path, "r+b") as f:
-                if rid is None:
-                    f.truncate(good_end)
-                else:
-                    f.seek(0, os.SEEK_END)
-                    f.write(b"\n")
-        if rid is not None:
-            done.add(rid)
-    return done, bad
-
-
-def _record_id(line: bytes) -> str | None:
-    try:
-        rec = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(rec, dict) or rec.get("id") is None or "conversations" not in rec:
-        return None
-    return str(rec["id"])
 
 
 class Distiller:

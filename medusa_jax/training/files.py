@@ -4,11 +4,14 @@ that never leave a half-written (or emptied) file behind.
     check_output_file("distilled.jsonl", "--out")      # ValueError if it cannot be a file
     with replace_file("out.jsonl") as f:                # written to a temporary file, renamed
         f.write(...)                                    # over "out.jsonl" only on success
+    read_done_ids("distilled.jsonl")                    # ids to skip when resuming; a half-
+                                                        # written last line is cut off
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import IO
@@ -80,3 +83,54 @@ def replace_file(path: str | os.PathLike, mode: str = "w",
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def read_done_ids(path: str | os.PathLike, repair: bool = True) -> tuple[set[str], int]:
+    """Ids of the records already in a distillation output, and the number of malformed lines.
+
+    Only the last line can be half written (a crash inside a write); with ``repair`` it is cut
+    off the file so the resumed run appends after the last complete record. A last line that
+    parses but lacks its newline gets the newline. Malformed lines elsewhere are left in place
+    and counted."""
+    path = os.fspath(path)
+    done: set[str] = set()
+    bad = 0
+    if not os.path.exists(path):
+        return done, bad
+    good_end = 0  # byte offset just past the last complete line
+    tail = b""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                tail = line
+                break
+            good_end += len(line)
+            if not line.strip():
+                continue
+            rid = _record_id(line)
+            if rid is None:
+                bad += 1
+            else:
+                done.add(rid)
+    if tail:
+        rid = _record_id(tail) if tail.strip() else None
+        if repair:
+            with open(path, "r+b") as f:
+                if rid is None:
+                    f.truncate(good_end)
+                else:
+                    f.seek(0, os.SEEK_END)
+                    f.write(b"\n")
+        if rid is not None:
+            done.add(rid)
+    return done, bad
+
+
+def _record_id(line: bytes) -> str | None:
+    try:
+        rec = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(rec, dict) or rec.get("id") is None or "conversations" not in rec:
+        return None
+    return str(rec["id"])
