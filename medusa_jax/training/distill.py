@@ -450,6 +450,18 @@ def _progress_bar(total: int, enabled: bool):
                 dynamic_ncols=True, smoothing=0.1)
 
 
+def load_distiller(model_path: str | os.PathLike | None = None, *, dtype: str = "float32",
+                   scan_layers: bool = False) -> Distiller:
+    """The distiller ``train.py distill`` runs: a base model (None = the default
+    SmolLM2-135M-Instruct) with its layers unrolled unless ``scan_layers`` (a distillation
+    compiles its loops once and then decodes for hours, and a scanned step copies every layer's
+    weights out of the stack, over one stacked KV cache; benchmarks/results/refill_step.md)."""
+    from medusa_jax.api import MedusaLM
+
+    lm = MedusaLM.load(model_path, medusa=None, dtype=dtype, scan_layers=scan_layers)
+    return Distiller.from_lm(lm)
+
+
 def distill(model_path: str | os.PathLike | None = None,
             data_path: str | os.PathLike | None = None,
             out_path: str | os.PathLike = "distilled.jsonl", *,
@@ -462,15 +474,11 @@ def distill(model_path: str | os.PathLike | None = None,
     """Load a base model (None = the default SmolLM2-135M-Instruct) and self-distill
     ``data_path`` (None = the packaged ShareGPT) into ``out_path``; see :meth:`Distiller.run`
     for the options and the returned summary. The output path and the source are checked
-    before the (slow) model load. Layers are unrolled unless ``scan_layers``: a distillation
-    compiles its loops once and then decodes for hours, and a scanned step copies every
-    layer's weights out of the stack (benchmarks/results/refill_step.md)."""
-    from medusa_jax.api import MedusaLM
-
+    before the (slow) model load (:func:`load_distiller`: layers unrolled unless
+    ``scan_layers``)."""
     check_output_file(out_path, OUT_WHAT)
     check_source(data_path)
-    lm = MedusaLM.load(model_path, medusa=None, dtype=dtype, scan_layers=scan_layers)
-    return Distiller.from_lm(lm).run(
+    return load_distiller(model_path, dtype=dtype, scan_layers=scan_layers).run(
         data_path, out_path, max_conversations=max_conversations, max_turns=max_turns,
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
