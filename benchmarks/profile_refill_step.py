@@ -5,8 +5,10 @@ slices), from a JAX profiler trace. Also times a step per batch size.
 
     python benchmarks/profile_refill_step.py --batch-sizes 32,64,128 --prompt-tokens 256
 
-Every row holds a prompt of ``--prompt-tokens`` random tokens, so the cache is read to the same
-length as a full distillation batch (prompt + up to ``--steps`` answer tokens). Writes
+Every row holds a prompt of ``--prompt-tokens`` random tokens, and the cache has the slots a
+distillation run with that prompt budget and ``--max-new-tokens`` has (``RefillingGenerator``'s
+``cache_len``): the attention reads what a real run's step reads. ``--steps`` steps are timed
+(each row starts ``--steps`` tokens short of its budget). Writes
 benchmarks/results/refill_step.{md,json}.
 """
 
@@ -70,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", default="32,64,128")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=24, help="decode steps timed per batch size")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="the distillation run's answer budget: sizes the cache (prompt width + "
+                   "this many slots), as the distiller's is")
     p.add_argument("--profile-batch", type=int, default=32)
     p.add_argument("--layouts", default="unrolled,scan",
                    help="layer layouts to time (the profile is of the first): unrolled (a KV "
@@ -91,7 +96,9 @@ def main(argv=None) -> int:
     layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
     if not layouts or set(layouts) - {"scan", "unrolled", "unrolled-stacked"}:
         p.error("--layouts takes unrolled, unrolled-stacked and/or scan")
-    st = GenerationSettings(max_new_tokens=a.steps + 1, eos_token_ids=(), pad_token_id=0)
+    if not 0 < a.steps < a.max_new_tokens:
+        p.error(f"--steps must be 1 to --max-new-tokens - 1 ({a.max_new_tokens - 1})")
+    st = GenerationSettings(max_new_tokens=a.max_new_tokens, eos_token_ids=(), pad_token_id=0)
     P = a.prompt_tokens
     toks = jnp.asarray(np.random.default_rng(0).integers(100, 20000, (1, P)), jnp.int32)
 
@@ -102,7 +109,8 @@ def main(argv=None) -> int:
         for r in range(B):
             s = R.refill_row(params, s, toks, jnp.int32(P), jnp.int32(r), jnp.int32(r),
                              cfg=cfg, settings=st)
-        return s, g.cache_len
+        # each row --steps tokens short of its budget: the loop runs exactly --steps steps
+        return s.replace(n_out=jnp.full((B,), a.max_new_tokens - a.steps, jnp.int32)), g.cache_len
 
     rows, prof = [], None
     sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -163,8 +171,9 @@ unrolled with a KV buffer per layer, unrolled over one stacked KV cache (`unroll
 whose layer slices XLA:CPU copies before attention), or scanned, whose every step copies each
 layer's weights out of the stack), every row
 holding a
-{P}-token prompt, {a.steps} decode steps timed after a compile run (no refills: the decode loop
-alone, the ceiling of the distiller at that batch size).
+{P}-token prompt in a cache of the slots a distillation run with <= {P}-token prompts and
+<= {a.max_new_tokens} new tokens has, {a.steps} decode steps timed after a compile run (no
+refills: the decode loop alone, the ceiling of the distiller at that batch size).
 
 {ttable}
 
@@ -174,6 +183,7 @@ profiler trace, summed over both cores' threads)
 {gtable}
 """
     C.write_results(a.out, md, {"machine": info, "rows": rows, "profile_batch": a.profile_batch,
+                                "prompt_tokens": P, "max_new_tokens": a.max_new_tokens,
                                 "groups_ms_per_step": dict(groups),
                                 "other_ms_per_step": dict(other.most_common(12))})
     print(ttable)
