@@ -44,12 +44,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(C.RESULTS, "distill.md"))
     args = p.parse_args(argv)
 
-    from medusa_jax.api import MedusaLM
-    from medusa_jax.training.distill import Distiller
+    from medusa_jax.training.distill import load_distiller
 
     info = C.machine_info()
-    lm = MedusaLM.load(None, medusa=None)
-    dist = Distiller.from_lm(lm)
+    # the distiller `train.py distill` runs (layers unrolled: a KV buffer per layer). Loaded
+    # with MedusaLM.load's default (scanned layers, one stacked cache) until 8 Dec, so every
+    # result before then timed that layout, and `--stacked-kv` timed it twice.
+    dist = load_distiller()
+    layers = "scanned" if dist.cfg.scan_layers else "unrolled"
     kw = dict(max_conversations=args.conversations, max_turns=1,
               max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
               batch_size=args.batch_size, progress=False, resume=False)
@@ -103,7 +105,8 @@ def main(argv=None) -> int:
     md = [
         "# Self-distillation throughput: static batches vs refilling (continuous batching)", "",
         f"Command: `{C.command_line()}`", "", C.machine_md(info), "",
-        f"Default model (SmolLM2-135M-Instruct), first {args.conversations} usable ShareGPT "
+        f"Default model (SmolLM2-135M-Instruct, {layers} layers as `train.py distill` runs it), "
+        f"first {args.conversations} usable ShareGPT "
         f"conversations (first turns, prompts <= {args.max_prompt_tokens} tokens), greedy, "
         f"<= {args.max_new_tokens} new tokens, batch {args.batch_size}; timed after a warm-up "
         "run of each engine on the same prompts (compile excluded). The refill engine also "
@@ -131,7 +134,7 @@ def main(argv=None) -> int:
     else:
         data_extra = {}
     data = {"command": C.command_line(), "machine": info, "args": vars(args), "rounds": rows,
-            "best_tokens_per_second": best, "ratio": ratio, "same_answers": same,
+            "layers": layers, "best_tokens_per_second": best, "ratio": ratio, "same_answers": same,
             "conversations": n_conv, **data_extra}
     C.write_results(args.out, "\n".join(md), data)
     print("\n".join(md))

@@ -33,7 +33,8 @@ SMALL = {
     "choose_tree": ["--heads", HEADS, "--sizes", "2", "--num-prompts", "1",
                     "--max-new-tokens", "8"],
     "profile_refill_step": ["--batch-sizes", "2", "--prompt-tokens", "32", "--steps", "2",
-                            "--profile-batch", "2", "--layouts", "unrolled,unrolled-stacked,scan"],
+                            "--max-new-tokens", "8", "--profile-batch", "2",
+                            "--layouts", "unrolled,unrolled-stacked,scan"],
     "bench_mtbench": ["--questions", "1", "--max-new-tokens", "8", "--torch-questions", "1"],
     "step_cost": ["--models", "smollm2-135m", "--targets", "cpu", "--batches", "1",
                   "--caches", "256", "--trees", "chain4"],
@@ -69,5 +70,11 @@ def test_benchmark_runs_and_records_its_machine(name, tmp_path):
     head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
     assert machine["git_head"] == (head or None)
+    if name == "bench_distill":  # it times what `train.py distill` runs, not the scanned layout
+        assert res["layers"] == "unrolled"
+    if name == "profile_refill_step":
+        # the ceiling is timed over the cache a distillation run has: a 32-token prompt padded to
+        # 64 plus the 8-token answer budget, not just the steps timed
+        assert [(r["cache_slots"], r["steps"]) for r in res["rows"]] == [(64 + 8, 2)] * 3
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("result") and n != "result.json" for n in written), written
