@@ -262,36 +262,43 @@ def _step(params, s: MedusaState, *, cfg: ModelConfig, settings: MedusaSettings,
     tree = settings.tree
     depth = tree.depth
     sc = settings.gen.sampling
-    rng, k_accept = jax.random.split(s.rng)
+    with jax.named_scope("accept"):
+        rng, k_accept = jax.random.split(s.rng)
     root = s.root  # [B]
     B = root.shape[0]
-    if getattr(propose, "drafts_tree", False):  # Hydra: drafted depth by depth from the root
-        tree_tokens = propose(params, s.hidden, s, root)  # [B, T]
-    else:
-        cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
-        flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
-        tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
+    # named scopes (op_name metadata only, nothing at run time) let a profile attribute each
+    # op to its phase: medusa_jax.profiling
+    with jax.named_scope("propose"):
+        if getattr(propose, "drafts_tree", False):  # Hydra: drafted depth by depth from the root
+            tree_tokens = propose(params, s.hidden, s, root)  # [B, T]
+        else:
+            cand = propose(params, s.hidden, s)[:, :depth, : tree.topk]  # [B, depth, k]
+            flat = jnp.concatenate([root[:, None], cand.reshape(B, -1)], axis=1)
+            tree_tokens = jnp.take(flat, np.asarray(tree.tree_indices), axis=1)  # [B, T]
 
-    positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
-    # the tree's K/V stay apart from the cache; only the accepted path is committed below
-    hidden, (cache, (tree_k, tree_v)) = llama.forward(
-        cfg, params["base"], tree_tokens, positions, s.cache, np.asarray(tree.attn_mask),
-        write=False)  # [B, T, D], [L, B, T, K, H] x 2
-    logits = verify_logits(cfg, params, hidden)  # [B, T, V]
+    with jax.named_scope("verify"):
+        positions = s.cache.lengths[:, None] + np.asarray(tree.depth_offsets)[None, :]  # [B, T]
+        # the tree's K/V stay apart from the cache; only the accepted path is committed below
+        hidden, (cache, (tree_k, tree_v)) = llama.forward(
+            cfg, params["base"], tree_tokens, positions, s.cache, np.asarray(tree.attn_mask),
+            write=False)  # [B, T, D], [L, B, T, K, H] x 2
+        logits = verify_logits(cfg, params, hidden)  # [B, T, V]
 
-    # the rule picks the path, its length and the token after it (per-row randomness: the key
-    # is split over rows inside the rule's draws)
-    best, n, next_root = settings.acceptance.accept(tree_tokens, logits, tree, sc, k_accept)
-    path = jnp.take(np.asarray(tree.retrieve_indices), best, axis=0)  # [B, depth+1]
-    path = jnp.where(path >= 0, path, 0)
-    toks = jnp.take_along_axis(tree_tokens, path, axis=1)  # [B, depth+1]
-    live = ~s.done
-    out, n_out, done, _ = _append_many(s.out, s.n_out, s.done, toks, n, settings.gen.eos_token_ids,
-                                       settings.gen.max_new_tokens)
-    cache = cache.commit_tree(tree_k, tree_v, path, jnp.where(live, n, 0))
-    leaf = jnp.take_along_axis(path, (n - 1)[:, None], axis=1)  # [B, 1]
-    new_hidden = jnp.take_along_axis(hidden, leaf[:, :, None], axis=1)[:, 0]
-    hist = s.hist.at[jnp.arange(B), n].add(live.astype(jnp.int32))
+    with jax.named_scope("accept"):
+        # the rule picks the path, its length and the token after it (per-row randomness: the
+        # key is split over rows inside the rule's draws)
+        best, n, next_root = settings.acceptance.accept(tree_tokens, logits, tree, sc, k_accept)
+    with jax.named_scope("commit"):
+        path = jnp.take(np.asarray(tree.retrieve_indices), best, axis=0)  # [B, depth+1]
+        path = jnp.where(path >= 0, path, 0)
+        toks = jnp.take_along_axis(tree_tokens, path, axis=1)  # [B, depth+1]
+        live = ~s.done
+        out, n_out, done, _ = _append_many(s.out, s.n_out, s.done, toks, n,
+                                           settings.gen.eos_token_ids, settings.gen.max_new_tokens)
+        cache = cache.commit_tree(tree_k, tree_v, path, jnp.where(live, n, 0))
+        leaf = jnp.take_along_axis(path, (n - 1)[:, None], axis=1)  # [B, 1]
+        new_hidden = jnp.take_along_axis(hidden, leaf[:, :, None], axis=1)[:, 0]
+        hist = s.hist.at[jnp.arange(B), n].add(live.astype(jnp.int32))
     return MedusaState(cache, next_root, new_hidden, out, n_out, done, rng, s.step + 1,
                        s.row_steps + live.astype(jnp.int32), hist)
 

@@ -77,12 +77,16 @@ def vanilla_decode(params, state: VanillaState, stop_step, *, cfg: ModelConfig,
         return (s.step < stop_step) & ~jnp.all(s.done)
 
     def body(s: VanillaState):
-        h, cache = llama.forward(cfg, params, s.last[:, None], cache=s.cache)  # [B, 1, D]
-        logits = llama.logits(cfg, params, h[:, 0])  # [B, V]
-        rng, sub = jax.random.split(s.rng)
-        tok = sample(logits, sub, settings.sampling)
-        out, n_out, done = _append(s.out, s.n_out, s.done, tok, settings.eos_token_ids,
-                                   settings.max_new_tokens)
+        # the phases' named scopes match the Medusa step's (medusa_jax.profiling)
+        with jax.named_scope("verify"):
+            h, cache = llama.forward(cfg, params, s.last[:, None], cache=s.cache)  # [B, 1, D]
+            logits = llama.logits(cfg, params, h[:, 0])  # [B, V]
+        with jax.named_scope("accept"):
+            rng, sub = jax.random.split(s.rng)
+            tok = sample(logits, sub, settings.sampling)
+        with jax.named_scope("commit"):
+            out, n_out, done = _append(s.out, s.n_out, s.done, tok, settings.eos_token_ids,
+                                       settings.max_new_tokens)
         return VanillaState(cache.advance(jnp.ones_like(s.n_out)), tok, out, n_out, done, rng,
                             s.step + 1)
 

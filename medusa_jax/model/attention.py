@@ -147,68 +147,70 @@ def _attention(q, k_cache, v_cache, layer, lengths, k_new, v_new, chunk_mask=Non
     state = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
              jnp.zeros((B, K, G, T, H), jnp.float32))
 
-    if impl.startswith("pallas") and k_cache is not None and T * G <= MAX_QUERY_ROWS:
-        # the kernel reads the committed prefix (a one-token step already written reads itself
-        # there too); the new tokens follow below, merged by log-sum-exp
-        one = new_in_cache and chunk_mask is None and T == 1
-        state = _kernel_state(impl, q, k_cache, v_cache, layer, lengths + int(one), T, G, block)
-        if one:
-            _, denom, acc = state
-            out = acc / denom[..., None]
-            return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
-        k_cache = None  # the prefix is done: only the new tokens' block is left
+    with jax.named_scope("prefix"):
+        if impl.startswith("pallas") and k_cache is not None and T * G <= MAX_QUERY_ROWS:
+            # the kernel reads the committed prefix (a one-token step already written reads itself
+            # there too); the new tokens follow below, merged by log-sum-exp
+            one = new_in_cache and chunk_mask is None and T == 1
+            state = _kernel_state(impl, q, k_cache, v_cache, layer, lengths + int(one), T, G, block)
+            if one:
+                _, denom, acc = state
+                out = acc / denom[..., None]
+                return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+            k_cache = None  # the prefix is done: only the new tokens' block is left
 
-    # a decode step (or a short causal chunk) already in the cache: read it with the prefix
-    in_prefix = new_in_cache and chunk_mask is None and T <= NEW_BLOCK and k_cache is not None
-    if k_cache is not None:
-        S = k_cache.shape[3]
-        C = block or prefix_block_size(S)
-        # key slot s is visible to new token t iff s < lengths (+ t + 1 when read in the prefix)
-        limit = lengths[:, None] + (jnp.arange(T)[None, :] + 1 if in_prefix else 0)  # [B, T]
+        # a decode step (or a short causal chunk) already in the cache: read it with the prefix
+        in_prefix = new_in_cache and chunk_mask is None and T <= NEW_BLOCK and k_cache is not None
+        if k_cache is not None:
+            S = k_cache.shape[3]
+            C = block or prefix_block_size(S)
+            # key slot s is visible to new token t iff s < lengths (+ t + 1 when read in the prefix)
+            limit = lengths[:, None] + (jnp.arange(T)[None, :] + 1 if in_prefix else 0)  # [B, T]
 
-        def prefix_step(i, carry):
-            st, kc, vc = carry
-            start = i * C
-            kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
-            vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
-            valid = (start + jnp.arange(C))[None, None, :] < limit[:, :, None]  # [B, T, C]
-            st = _update(st, _scores(qg, kb.astype(dt), scale), valid[:, None, None],
-                         vb.astype(dt), dt)
-            return st, kc, vc
+            def prefix_step(i, carry):
+                st, kc, vc = carry
+                start = i * C
+                kb = jax.lax.dynamic_slice(kc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
+                vb = jax.lax.dynamic_slice(vc, (layer, 0, 0, start, 0), (1, B, K, C, H))[0]
+                valid = (start + jnp.arange(C))[None, None, :] < limit[:, :, None]  # [B, T, C]
+                st = _update(st, _scores(qg, kb.astype(dt), scale), valid[:, None, None],
+                             vb.astype(dt), dt)
+                return st, kc, vc
 
-        # The cache rides through the loop as carried state, and the caller goes on with the
-        # loop's output: read from outside, it would be live after the loop and XLA would copy
-        # the whole cache into the loop (measured: two cache-sized copies per layer per step).
-        if C == S:  # one block: no loop (read from a loop, a scanned layer's cache was copied)
-            state, k_cache, v_cache = prefix_step(0, (state, k_cache, v_cache))
+            # The cache rides through the loop as carried state, and the caller goes on with the
+            # loop's output: read from outside, it would be live after the loop and XLA would copy
+            # the whole cache into the loop (measured: two cache-sized copies per layer per step).
+            if C == S:  # one block: no loop (read from a loop, a scanned layer's cache was copied)
+                state, k_cache, v_cache = prefix_step(0, (state, k_cache, v_cache))
+            else:
+                state, k_cache, v_cache = jax.lax.fori_loop(
+                    0, prefix_blocks(limit[:, -1], C), prefix_step, (state, k_cache, v_cache))
+            caches = (k_cache, v_cache)
+            if in_prefix:
+                _, denom, acc = state
+                out = acc / denom[..., None]
+                return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
+
+    with jax.named_scope("new_tokens"):
+        if chunk_mask is None and T > NEW_BLOCK and T % NEW_BLOCK == 0:
+            # a long prompt: causal over its own keys, one block of keys at a time
+            C = NEW_BLOCK
+            q_idx = jnp.arange(T)[:, None]
+
+            def new_step(j, st):
+                kb = jax.lax.dynamic_slice_in_dim(kn, j * C, C, axis=2)
+                vb = jax.lax.dynamic_slice_in_dim(vn, j * C, C, axis=2)
+                valid = (j * C + jnp.arange(C))[None, :] <= q_idx  # [T, C]
+                return _update(st, _scores(qg, kb, scale), valid, vb, dt)
+
+            state = jax.lax.fori_loop(0, T // C, new_step, state)
         else:
-            state, k_cache, v_cache = jax.lax.fori_loop(
-                0, prefix_blocks(limit[:, -1], C), prefix_step, (state, k_cache, v_cache))
-        caches = (k_cache, v_cache)
-        if in_prefix:
-            _, denom, acc = state
-            out = acc / denom[..., None]
-            return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(dt), k_cache, v_cache
-
-    if chunk_mask is None and T > NEW_BLOCK and T % NEW_BLOCK == 0:
-        # a long prompt: causal over its own keys, one block of keys at a time
-        C = NEW_BLOCK
-        q_idx = jnp.arange(T)[:, None]
-
-        def new_step(j, st):
-            kb = jax.lax.dynamic_slice_in_dim(kn, j * C, C, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(vn, j * C, C, axis=2)
-            valid = (j * C + jnp.arange(C))[None, :] <= q_idx  # [T, C]
-            return _update(st, _scores(qg, kb, scale), valid, vb, dt)
-
-        state = jax.lax.fori_loop(0, T // C, new_step, state)
-    else:
-        if chunk_mask is None:
-            mask = jnp.tril(jnp.ones((T, T), bool))[None]
-        else:
-            mask = jnp.asarray(chunk_mask, bool)
-            mask = mask if mask.ndim == 3 else mask[None]  # [B or 1, T, T]
-        state = _update(state, _scores(qg, kn, scale), mask[:, None, None], vn, dt)
+            if chunk_mask is None:
+                mask = jnp.tril(jnp.ones((T, T), bool))[None]
+            else:
+                mask = jnp.asarray(chunk_mask, bool)
+                mask = mask if mask.ndim == 3 else mask[None]  # [B or 1, T, T]
+            state = _update(state, _scores(qg, kn, scale), mask[:, None, None], vn, dt)
 
     _, denom, acc = state
     out = acc / denom[..., None]  # every token sees itself: denom > 0
