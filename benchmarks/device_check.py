@@ -12,7 +12,10 @@ order of priority (a time budget skips what is left, and says so):
    failure is in the report); greedy equality (first divergence, top-2 logit gap there). The
    oracle reruns on its own output when bf16 takes it off vanilla's path (a flipped near-tie),
    and the same program runs with every guess wrong ("oracle-miss"): the step time of full
-   acceptance beside that of none.
+   acceptance beside that of none. Then a profiler trace of one vanilla and one oracle decode
+   (``medusa_jax.profiling``): time and kernels per step by phase (propose, verify, accept,
+   commit) and part (attention over the cache, the tree block, projections, MLP, LM head, ...)
+   side by side, so the report names where the verification step's extra time goes.
 2. SmolLM2 shape, shipped heads, batch 1: step time and acceptance per tree size (oracle and
    oracle-miss for the chain and the 63-node tree).
 3. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
@@ -254,6 +257,32 @@ def _last_logits(cfg):
     return last_logits
 
 
+def profile_pair(m: Model, prompts, max_new: int, nodes: int, reference) -> dict:
+    """A profiler trace of one vanilla and one Medusa-oracle decode (compiled already by the
+    measured runs: same shapes), each op attributed to its phase and part
+    (:mod:`medusa_jax.profiling`): where the verification step's time goes beside a plain
+    step's. ``reference``: the tokens the oracle proposes (Medusa's own output, so it accepts
+    the full depth)."""
+    from medusa_jax import profiling
+    from medusa_jax.decoding.common import GenerationSettings
+    from medusa_jax.decoding.medusa import make_settings, medusa_decode, medusa_generate
+    from medusa_jax.decoding.oracle import oracle_proposer, with_reference
+    from medusa_jax.decoding.vanilla import generate, vanilla_decode
+
+    gen = GenerationSettings(max_new_tokens=max_new, eos_token_ids=())
+    van = profiling.profile(lambda: generate(m.cfg, m.params["base"], prompts, gen),
+                            vanilla_decode, lambda r: r["steps"] - 1)
+    st = make_settings(_tree(nodes), m.mcfg.num_heads, gen)
+    width = max(len(t) for t in reference)
+    params = with_reference(m.params, [list(t) + [0] * (width - len(t)) for t in reference])
+    propose = oracle_proposer(st.tree.depth, st.tree.topk)
+    med = profiling.profile(
+        lambda: medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose),
+        medusa_decode, lambda r: max(r["steps"]))
+    return {"model": m.name, "batch": len(prompts), "tree_nodes": st.tree.num_nodes,
+            "vanilla": van, "medusa": med}
+
+
 def compiler_figures(m: Model, nodes: int, measured: dict, target: str) -> list[dict]:
     from medusa_jax.step_cost import ROOFLINE_CHIPS, step_cost
 
@@ -385,6 +414,17 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
         if budget.ok(f"{plan.big} b1 oracle-miss 64", 10):  # compiled already: seconds
             record(plan.big, attempt(f"{plan.big} b1 oracle-miss 64 {impl}", run_medusa, big, p1,
                                      plan.max_new, 64, "oracle-miss", van1["tokens"]), impl=impl)
+        # where the verification step's time goes beside a plain step's (both compiled)
+        if budget.ok(f"{plan.big} b1 profile", 30):
+            prof = attempt(f"{plan.big} b1 profile", profile_pair, big, p1, plan.max_new, 64,
+                           med1["tokens"])
+            if prof is not None:
+                report["profile"] = prof
+                log(f"profile: vanilla {prof['vanilla']['wall_ms_per_step']:.2f} ms/step, "
+                    f"{prof['vanilla']['ops_per_step']:.0f} ops; medusa "
+                    f"{prof['medusa']['wall_ms_per_step']:.2f} ms/step, "
+                    f"{prof['medusa']['ops_per_step']:.0f} ops")
+            save_now()
 
     # 2. the small shape with its heads, batch 1: step time and acceptance per tree size (the
     # issue's second target, so before the rest)
@@ -578,6 +618,8 @@ def markdown(rep: dict) -> str:
         L.append(f"| {c['kind']} | {c['tree_nodes']} | {c['flops'] / 1e9:.2f} | "
                  f"{c['bytes'] / 1e9:.3f} | {c['cache_copies']} | {c['big_copies']} | "
                  f"{c['roofline_ms_h200']:.3f} | {'-' if ms is None else f'{ms:.2f}'} |")
+    if rep.get("profile"):
+        L += profile_markdown(rep["profile"])
     L += ["", "## XLA settings (each a fresh process; big shape, batch 1)", "",
           "| variant | env | vanilla tok/s | Medusa-oracle 64 tok/s | compile s | wall s |",
           "| --- | --- | --- | --- | --- | --- |"]
@@ -597,6 +639,47 @@ def markdown(rep: dict) -> str:
     if rep.get("error"):
         L += ["", "**The measurements stopped early:**", "", "```", rep["error"], "```"]
     return "\n".join(L) + "\n"
+
+
+def profile_markdown(prof: dict) -> list[str]:
+    """The profile section: per-step totals, time by phase and part side by side, the Medusa
+    step's costliest ops and any events the HLO did not name."""
+    v, m = prof["vanilla"], prof["medusa"]
+    L = ["", f"## Where a step's time goes ({prof['model']}, batch {prof['batch']}, vanilla vs "
+         f"oracle {prof['tree_nodes']} nodes; profiler trace, events from the {m['source']})", "",
+         "| | vanilla | Medusa |", "| --- | --- | --- |"]
+    for key, label in (("wall_ms_per_step", "wall ms per step"),
+                       ("op_ms_per_step", "op time ms per step (summed)"),
+                       ("busy_ms_per_step", "busy ms per step (union of op intervals)"),
+                       ("ops_per_step", "ops (kernels) per step")):
+        L.append(f"| {label} | {v[key]:.3f} | {m[key]:.3f} |")
+    L.append(f"| copies/memsets per step (ms) | {v['copies']['per_step']:.1f} "
+             f"({v['copies']['ms_per_step']:.3f}) | {m['copies']['per_step']:.1f} "
+             f"({m['copies']['ms_per_step']:.3f}) |")
+    keys = []
+    for g in m["groups"] + v["groups"]:
+        if (g["phase"], g["part"]) not in keys:
+            keys.append((g["phase"], g["part"]))
+    get = {name: {(g["phase"], g["part"]): g for g in s["groups"]} for name, s in (("v", v),
+                                                                                   ("m", m))}
+    L += ["", "| phase | part | vanilla ms | vanilla ops | Medusa ms | Medusa ops | extra ms |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k in keys:
+        a, b = get["v"].get(k, {}), get["m"].get(k, {})
+        am, bm = a.get("ms_per_step", 0.0), b.get("ms_per_step", 0.0)
+        L.append(f"| {k[0]} | {k[1]} | {am:.3f} | {a.get('ops_per_step', 0):.1f} | {bm:.3f} | "
+                 f"{b.get('ops_per_step', 0):.1f} | {bm - am:+.3f} |")
+    L += ["", "Medusa step's costliest ops:", "", "| op | op_name | ms per step | per step |",
+          "| --- | --- | --- | --- |"]
+    for o in m["top_ops"][:12]:
+        L.append(f"| {o['op'][:60]} | {(o['op_name'] or '-')[-90:]} | {o['ms_per_step']:.3f} | "
+                 f"{o['per_step']:.1f} |")
+    for name, s in (("vanilla", v), ("Medusa", m)):
+        if s["unmapped"]:
+            L += ["", f"{name}: events no HLO instruction name matched: " + ", ".join(
+                f"`{u['name'][:80]}` ({u['ms_per_step']:.3f} ms, {u['per_step']:.1f}/step)"
+                for u in s["unmapped"][:6])]
+    return L
 
 
 def parse_args(argv=None):

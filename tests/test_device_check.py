@@ -46,6 +46,19 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     kinds = [c["kind"] for c in rep["compiler"]]
     assert kinds == ["vanilla", "medusa"], rep["compiler"]
     assert all(c["bytes"] > 0 and c["cache_copies"] == 0 for c in rep["compiler"])
+    # the profile attributes (nearly) every op of both steps to a phase of the step
+    prof = rep["profile"]
+    assert (prof["model"], prof["batch"], prof["tree_nodes"]) == ("tiny", 1, 64)
+    for name, phases in (("vanilla", {"verify", "accept", "commit"}),
+                         ("medusa", {"propose", "verify", "accept", "commit"})):
+        s = prof[name]
+        totals = {g["phase"]: 0.0 for g in s["groups"]}
+        for g in s["groups"]:
+            totals[g["phase"]] += g["ms_per_step"]
+        assert phases <= {p for p, ms in totals.items() if ms > 0}, (name, totals)
+        assert totals.get("unattributed", 0.0) < 0.1 * s["op_ms_per_step"], (name, totals)
+    assert prof["medusa"]["steps"] == steps and prof["vanilla"]["steps"] == max_new - 1
+    assert "## Where a step's time goes" in md and "| verify | MLP |" in md
     v = rep["variants"]["command_buffer"]
     assert "error" not in v, v
     assert v["medusa"]["mean_accepted"] > 1 and "| command_buffer |" in md

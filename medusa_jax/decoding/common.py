@@ -180,6 +180,13 @@ def trim_outputs(out: np.ndarray, n_out: np.ndarray) -> list[list[int]]:
 
 
 _COMPILED: dict = {}
+_LAST: dict = {}  # fn -> the executable compiled_call last ran for it
+
+
+def last_executable(fn):
+    """The compiled executable :func:`compiled_call` last ran for ``fn`` (None if none): its
+    optimised HLO names the ops a profile of that run shows (:mod:`medusa_jax.profiling`)."""
+    return _LAST.get(fn)
 
 
 def compiled_call(fn, *args, **static):
@@ -194,4 +201,5 @@ def compiled_call(fn, *args, **static):
         t = time.perf_counter()
         exe = _COMPILED[key] = fn.lower(*args, **static).compile()
         seconds = time.perf_counter() - t
+    _LAST[fn] = exe
     return exe(*args), seconds
