@@ -642,44 +642,13 @@ def markdown(rep: dict) -> str:
 
 
 def profile_markdown(prof: dict) -> list[str]:
-    """The profile section: per-step totals, time by phase and part side by side, the Medusa
-    step's costliest ops and any events the HLO did not name."""
-    v, m = prof["vanilla"], prof["medusa"]
-    L = ["", f"## Where a step's time goes ({prof['model']}, batch {prof['batch']}, vanilla vs "
-         f"oracle {prof['tree_nodes']} nodes; profiler trace, events from the {m['source']})", "",
-         "| | vanilla | Medusa |", "| --- | --- | --- |"]
-    for key, label in (("wall_ms_per_step", "wall ms per step"),
-                       ("op_ms_per_step", "op time ms per step (summed)"),
-                       ("busy_ms_per_step", "busy ms per step (union of op intervals)"),
-                       ("ops_per_step", "ops (kernels) per step")):
-        L.append(f"| {label} | {v[key]:.3f} | {m[key]:.3f} |")
-    L.append(f"| copies/memsets per step (ms) | {v['copies']['per_step']:.1f} "
-             f"({v['copies']['ms_per_step']:.3f}) | {m['copies']['per_step']:.1f} "
-             f"({m['copies']['ms_per_step']:.3f}) |")
-    keys = []
-    for g in m["groups"] + v["groups"]:
-        if (g["phase"], g["part"]) not in keys:
-            keys.append((g["phase"], g["part"]))
-    get = {name: {(g["phase"], g["part"]): g for g in s["groups"]} for name, s in (("v", v),
-                                                                                   ("m", m))}
-    L += ["", "| phase | part | vanilla ms | vanilla ops | Medusa ms | Medusa ops | extra ms |",
-          "| --- | --- | --- | --- | --- | --- | --- |"]
-    for k in keys:
-        a, b = get["v"].get(k, {}), get["m"].get(k, {})
-        am, bm = a.get("ms_per_step", 0.0), b.get("ms_per_step", 0.0)
-        L.append(f"| {k[0]} | {k[1]} | {am:.3f} | {a.get('ops_per_step', 0):.1f} | {bm:.3f} | "
-                 f"{b.get('ops_per_step', 0):.1f} | {bm - am:+.3f} |")
-    L += ["", "Medusa step's costliest ops:", "", "| op | op_name | ms per step | per step |",
-          "| --- | --- | --- | --- |"]
-    for o in m["top_ops"][:12]:
-        L.append(f"| {o['op'][:60]} | {(o['op_name'] or '-')[-90:]} | {o['ms_per_step']:.3f} | "
-                 f"{o['per_step']:.1f} |")
-    for name, s in (("vanilla", v), ("Medusa", m)):
-        if s["unmapped"]:
-            L += ["", f"{name}: events no HLO instruction name matched: " + ", ".join(
-                f"`{u['name'][:80]}` ({u['ms_per_step']:.3f} ms, {u['per_step']:.1f}/step)"
-                for u in s["unmapped"][:6])]
-    return L
+    """The profile section (:func:`medusa_jax.profiling.side_by_side`)."""
+    from medusa_jax.profiling import side_by_side
+
+    m = prof["medusa"]
+    return ["", f"## Where a step's time goes ({prof['model']}, batch {prof['batch']}, vanilla "
+            f"vs oracle {prof['tree_nodes']} nodes; profiler trace, events from the "
+            f"{m['source']})", "", *side_by_side(prof["vanilla"], m)]
 
 
 def parse_args(argv=None):

@@ -55,6 +55,7 @@ def op_names(hlo_text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     inside: dict[str, str] = {}  # computation -> op_name of its root (else of its first op)
     calls: dict[str, str] = {}  # instruction without metadata -> the computation it calls
+    dots: set[str] = set()  # computations with a dot (or convolution) in them
     comp = None
     for line in hlo_text.splitlines():
         head = re.match(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*)?\{\s*$", line)
@@ -65,6 +66,9 @@ def op_names(hlo_text: str) -> dict[str, str]:
         if not m:
             continue
         name = m.group(2)
+        is_dot = re.search(r"\s(dot|convolution)\(", line) is not None
+        if is_dot and comp is not None:
+            dots.add(comp)
         op = re.search(r'op_name="([^"]+)"', line)
         if op:
             op = op.group(1).split(";")[0]
@@ -75,9 +79,12 @@ def op_names(hlo_text: str) -> dict[str, str]:
             c = re.search(r"calls=%?([\w.\-]+)", line)
             args = re.search(r"=\s*[^=]*?\b[\w\-]+\(([^)]*)\)", line)
             calls[name] = (c.group(1) if c else None,
-                           re.findall(r"%([\w.\-]+)", args.group(1)) if args else [])
-    for _ in range(3):  # e.g. XLA:CPU's library fusions carry no metadata: take the called
-        for name, (c, operands) in calls.items():  # computation's, else an operand's
+                           re.findall(r"%([\w.\-]+)", args.group(1)) if args else [], is_dot)
+    # e.g. XLA:CPU's library (ynn) fusions may carry no metadata, inside or out: take the
+    # called computation's, else an operand's (a matmul's input is the op before it, often a
+    # norm: the matmul is then named as its module's dot, see _dot_after)
+    for _ in range(3):
+        for name, (c, operands, is_dot) in calls.items():
             if name in out:
                 continue
             if c in inside:
@@ -85,10 +92,28 @@ def op_names(hlo_text: str) -> dict[str, str]:
             else:
                 known = [out[o] for o in operands if o in out]
                 if known:
-                    out[name] = known[0]
+                    dot = is_dot or c in dots
+                    out[name] = _dot_after(known[0]) if dot else known[0]
     for name in list(out):
         out.setdefault(_key(name), out[name])
     return out
+
+
+# a module an unnamed matmul's input comes out of -> the module the matmul belongs to
+_DOT_AFTER = [("/attn_norm/", "/attn/"), ("/mlp_norm/", "/mlp/"), ("/final_norm/", "/logits/"),
+              ("/attn/", "/attn/"), ("/mlp/", "/mlp/")]
+
+
+def _dot_after(op_name: str) -> str:
+    """The op_name given to a matmul without metadata whose input op is ``op_name``: the
+    ``dot_general`` of the module that reads that input (q/k/v after the attention norm,
+    gate/up after the MLP norm, o and down inside their modules, the LM head after the final
+    norm), else ``op_name``'s scope's."""
+    for frag, module in _DOT_AFTER:
+        i = op_name.rfind(frag)
+        if i >= 0:
+            return op_name[:i] + module + "dot_general"
+    return op_name.rsplit("/", 1)[0] + "/dot_general"
 
 
 def _key(name: str) -> str:
@@ -254,3 +279,39 @@ def profile(run: Callable[[], dict], decode_fn, steps: Callable[[dict], int],
     out = summarize(events, names, steps(res), res["decode_seconds"], module=name, source=source)
     out["parse_s"] = time.perf_counter() - t
     return out
+
+
+def side_by_side(v: dict, m: dict, top: int = 12) -> list[str]:
+    """Markdown lines comparing a vanilla and a Medusa summary: per-step totals, time and ops
+    by phase and part with Medusa's extra, Medusa's costliest ops, and the events no HLO
+    instruction named (what to fix in the parser, on a backend it has not met)."""
+    L = ["| | vanilla | Medusa |", "| --- | --- | --- |"]
+    for key, label in (("wall_ms_per_step", "wall ms per step"),
+                       ("op_ms_per_step", "op time ms per step (summed)"),
+                       ("busy_ms_per_step", "busy ms per step (union of op intervals)"),
+                       ("ops_per_step", "ops (kernels) per step")):
+        L.append(f"| {label} | {v[key]:.3f} | {m[key]:.3f} |")
+    L.append(f"| copies/memsets per step (ms) | {v['copies']['per_step']:.1f} "
+             f"({v['copies']['ms_per_step']:.3f}) | {m['copies']['per_step']:.1f} "
+             f"({m['copies']['ms_per_step']:.3f}) |")
+    keys = list(dict.fromkeys((g["phase"], g["part"]) for g in m["groups"] + v["groups"]))
+    gv = {(g["phase"], g["part"]): g for g in v["groups"]}
+    gm = {(g["phase"], g["part"]): g for g in m["groups"]}
+    L += ["", "| phase | part | vanilla ms | vanilla ops | Medusa ms | Medusa ops | extra ms |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for k in keys:
+        a, b = gv.get(k, {}), gm.get(k, {})
+        am, bm = a.get("ms_per_step", 0.0), b.get("ms_per_step", 0.0)
+        L.append(f"| {k[0]} | {k[1]} | {am:.3f} | {a.get('ops_per_step', 0):.1f} | {bm:.3f} | "
+                 f"{b.get('ops_per_step', 0):.1f} | {bm - am:+.3f} |")
+    L += ["", "Medusa step's costliest ops:", "", "| op | op_name | ms per step | per step |",
+          "| --- | --- | --- | --- |"]
+    for o in m["top_ops"][:top]:
+        L.append(f"| {o['op'][:60]} | {(o['op_name'] or '-')[-90:]} | {o['ms_per_step']:.3f} | "
+                 f"{o['per_step']:.1f} |")
+    for name, s in (("vanilla", v), ("Medusa", m)):
+        if s["unmapped"]:
+            L += ["", f"{name}: events no HLO instruction name matched: " + ", ".join(
+                f"`{u['name'][:80]}` ({u['ms_per_step']:.3f} ms, {u['per_step']:.1f}/step)"
+                for u in s["unmapped"][:6])]
+    return L

@@ -35,6 +35,7 @@ SMALL = {
     "profile_refill_step": ["--batch-sizes", "2", "--prompt-tokens", "32", "--steps", "2",
                             "--max-new-tokens", "8", "--profile-batch", "2",
                             "--layouts", "unrolled,unrolled-stacked,scan"],
+    "profile_step": ["--trees", "cpu", "--max-new-tokens", "8"],
     "bench_mtbench": ["--questions", "1", "--max-new-tokens", "8", "--torch-questions", "1"],
     "step_cost": ["--models", "smollm2-135m", "--targets", "cpu", "--batches", "1",
                   "--caches", "256", "--trees", "chain4"],
@@ -76,5 +77,11 @@ def test_benchmark_runs_and_records_its_machine(name, tmp_path):
         # the ceiling is timed over the cache a distillation run has: a 32-token prompt padded to
         # 64 plus the 8-token answer budget, not just the steps timed
         assert [(r["cache_slots"], r["steps"]) for r in res["rows"]] == [(64 + 8, 2)] * 3
+    if name == "profile_step":  # the ops of both loops are attributed to their phases
+        for loop in ("vanilla", "medusa-cpu"):
+            prof = res["profiles"][loop]
+            phases = {g["phase"] for g in prof["groups"] if g["ms_per_step"] > 0}
+            assert {"verify", "accept", "commit"} <= phases, (loop, phases)
+            assert ("propose" in phases) == (loop != "vanilla")
     written = sorted(p.name for p in tmp_path.iterdir())
     assert any(n.startswith("result") and n != "result.json" for n in written), written

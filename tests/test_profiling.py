@@ -20,9 +20,17 @@ HLO = """HloModule jit_f
   ROOT %neg = f32[2,2]{1,0} negate(%p)
 }
 
+%dot_computation (p0: f32[2,4], p1: f32[4,2]) -> f32[2,2] {
+  %p0 = f32[2,4]{1,0} parameter(0)
+  %p1 = f32[4,2]{1,0} parameter(1)
+  ROOT %d = f32[2,2]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
 ENTRY %main.1 (a: f32[2,4], b: f32[4,2]) -> f32[2,2] {
   %a = f32[2,4]{1,0} parameter(0)
   %b = f32[4,2]{1,0} parameter(1)
+  %norm.1 = f32[2,4]{1,0} multiply(%a, %a), metadata={op_name="jit(f)/while/body/verify/LlamaModel/layers_0/attn_norm/mul"}
+  %ynn_fusion.8 = f32[2,2]{1,0} fusion(%norm.1, %b), kind=kCustom, calls=%dot_computation
   %ynn_fusion.3 = f32[2,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.3
   %loop_fusion.7 = f32[2,2]{1,0} fusion(%ynn_fusion.3), kind=kLoop, calls=%bare_computation
   ROOT %add.1 = f32[2,2]{1,0} add(%loop_fusion.7, %loop_fusion.7), metadata={op_name="jit(f)/while/body/commit/add"}
@@ -38,6 +46,8 @@ def test_op_names_reach_fusions_without_metadata():
     assert names["loop_fusion.7"] == mlp  # from its operand
     assert names["loop_fusion_7"] == mlp  # a GPU kernel's spelling
     assert names["add.1"] == "jit(f)/while/body/commit/add"
+    # a matmul named nowhere, after the attention norm: the attention's projection
+    assert names["ynn_fusion.8"] == "jit(f)/while/body/verify/LlamaModel/layers_0/attn/dot_general"
 
 
 def test_classify_phases_and_parts():
