@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import gzip
-import json
 import os
 import re
 import sys
@@ -34,7 +32,7 @@ GROUPS = [
     ("/mlp/dot_general", "MLP matmuls"),
     ("bkgtc,bkch->bkgth", "attention: probabilities x V"),
     ("btkgh,bkch->bkgtc", "attention: Q x K scores"),
-    ("/attn/dynamic_slice", "attention: cache slice (copy)"),
+    ("/attn/prefix/dynamic_slice", "attention: cache slice (copy)"),
     ("/attn/dynamic_update_slice", "cache write (new K/V)"),
     ("/attn/dot_general", "attention projections (q, k, v, o)"),
     ("/attn/", "attention: softmax, masks, reshapes"),
@@ -47,23 +45,6 @@ def group(op_name: str) -> str:
         if frag in op_name:
             return name
     return "other (sampling, bookkeeping)"
-
-
-def fusion_ops(dump_dir: str, names: set[str]) -> dict[str, str]:
-    """Fusion name -> its op_name, from the optimised HLO of the decode loop that was traced:
-    several decode loops compile (batch sizes, layouts), so the one whose fusion names cover
-    most of the trace's events is taken."""
-    best: dict[str, str] = {}
-    for path in glob.glob(os.path.join(dump_dir,
-                                       "*jit_decode_until_free.cpu_after_optimizations.txt")):
-        out = {}
-        for line in open(path):
-            m = re.match(r'\s*%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
-            if m:
-                out[m.group(1)] = m.group(2)
-        if len(names & set(out)) > len(names & set(best)):
-            best = out
-    return best
 
 
 def main(argv=None) -> int:
@@ -82,12 +63,10 @@ def main(argv=None) -> int:
                    "cache, the layout before per-layer buffers), scan")
     p.add_argument("--out", default=os.path.join(C.RESULTS, "refill_step.md"))
     a = p.parse_args(argv)
-    dump = tempfile.mkdtemp(prefix="refill_hlo_")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={dump} --xla_dump_hlo_as_text").strip()
     import jax
     import jax.numpy as jnp
 
+    from medusa_jax import profiling
     from medusa_jax.api import MedusaLM
     from medusa_jax.decoding import refill as R
     from medusa_jax.decoding.common import GenerationSettings
@@ -135,7 +114,10 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t
             if trace:
                 jax.profiler.stop_trace()
-                prof = (trace, int(out.step))
+                # the executable that ran (cached: no second compile) names the trace's ops
+                exe = R.decode_until_free.lower(params, s, jnp.int32(B), cfg=cfg,
+                                                settings=st).compile()
+                prof = (trace, int(out.step), exe.as_text())
             n = int(out.step)
             rows.append({"layout": lay, "batch": B, "cache_slots": cache_len, "steps": n,
                          "step_ms": 1e3 * dt / n, "tokens_per_s": B * n / dt})
@@ -144,15 +126,17 @@ def main(argv=None) -> int:
 
     groups, other = collections.Counter(), collections.Counter()
     if prof:
-        f = glob.glob(os.path.join(prof[0], "plugins", "profile", "*", "*.trace.json.gz"))[0]
-        events = json.load(gzip.open(f))["traceEvents"]
-        ops = fusion_ops(dump, {e.get("name") for e in events if e.get("ph") == "X"})
+        path = glob.glob(os.path.join(prof[0], "**", "*.xplane.pb"), recursive=True)[0]
+        events, _ = profiling.read_events(path)
+        ops = profiling.op_names(prof[2])
         for e in events:
-            if e.get("ph") == "X" and e.get("name") in ops:
-                g = group(ops[e["name"]])
-                groups[g] += e["dur"] / 1e3 / prof[1]
-                if g.startswith("other"):
-                    other[re.sub(r"\d+", "N", ops[e["name"]])] += e["dur"] / 1e3 / prof[1]
+            if e.module is not None and "decode_until_free" not in str(e.module):
+                continue
+            op = ops.get(e.name)
+            g = group(op) if op else "other (sampling, bookkeeping)"
+            groups[g] += e.dur_ns / 1e6 / prof[1]
+            if g.startswith("other"):
+                other[re.sub(r"\d+", "N", op or e.name)] += e.dur_ns / 1e6 / prof[1]
     total = sum(groups.values())
     gtable = C.md_table(["what", "ms per step", "share"],
                         [[g, ms, f"{100 * ms / total:.0f} %"] for g, ms in groups.most_common()])
