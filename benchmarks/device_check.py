@@ -12,12 +12,13 @@ order of priority (a time budget skips what is left, and says so):
    failure is in the report); greedy equality (first divergence, top-2 logit gap there). The
    oracle reruns on its own output when bf16 takes it off vanilla's path (a flipped near-tie),
    and the same program runs with every guess wrong ("oracle-miss"): the step time of full
-   acceptance beside that of none. Then a profiler trace of one vanilla and one oracle decode
-   (``medusa_jax.profiling``): time and kernels per step by phase (propose, verify, accept,
-   commit) and part (attention over the cache, the tree block, projections, MLP, LM head, ...)
-   side by side, so the report names where the verification step's extra time goes.
+   acceptance beside that of none.
 2. SmolLM2 shape, shipped heads, batch 1: step time and acceptance per tree size (oracle and
-   oracle-miss for the chain and the 63-node tree).
+   oracle-miss for the chain and the 63-node tree). Then a profiler trace of one 7B vanilla
+   and one oracle-64 decode (``medusa_jax.profiling``): time and kernels per step by phase
+   (propose, verify, accept, commit) and part (attention over the cache, the tree block,
+   projections, MLP, LM head, ...) side by side, so the report names where the verification
+   step's extra time goes.
 3. Compiler figures: ``cost_analysis()`` FLOPs/bytes and cache-sized copy counts of one vanilla
    and one verification step (``medusa_jax.step_cost``) beside the roofline and the measured
    step; then the 7B shape's first runs with the other prefix reader (the kernel vs the XLA
@@ -414,17 +415,6 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
         if budget.ok(f"{plan.big} b1 oracle-miss 64", 10):  # compiled already: seconds
             record(plan.big, attempt(f"{plan.big} b1 oracle-miss 64 {impl}", run_medusa, big, p1,
                                      plan.max_new, 64, "oracle-miss", van1["tokens"]), impl=impl)
-        # where the verification step's time goes beside a plain step's (both compiled)
-        if budget.ok(f"{plan.big} b1 profile", 30):
-            prof = attempt(f"{plan.big} b1 profile", profile_pair, big, p1, plan.max_new, 64,
-                           med1["tokens"])
-            if prof is not None:
-                report["profile"] = prof
-                log(f"profile: vanilla {prof['vanilla']['wall_ms_per_step']:.2f} ms/step, "
-                    f"{prof['vanilla']['ops_per_step']:.0f} ops; medusa "
-                    f"{prof['medusa']['wall_ms_per_step']:.2f} ms/step, "
-                    f"{prof['medusa']['ops_per_step']:.0f} ops")
-            save_now()
 
     # 2. the small shape with its heads, batch 1: step time and acceptance per tree size (the
     # issue's second target, so before the rest)
@@ -457,6 +447,19 @@ def main_plan(plan: Plan, smoke: bool, save: str | None = None) -> dict:
                                                van["tokens"]))
 
     small_shape(plan.batches[0])
+
+    # where the verification step's time goes beside a plain step's (both compiled already;
+    # after the shipped heads' sizes, so a profiler fault cannot cost the issue's targets)
+    if med1 is not None and budget.ok(f"{plan.big} b1 profile", 30):
+        prof = attempt(f"{plan.big} b1 profile", profile_pair, big, p1, plan.max_new, 64,
+                       med1["tokens"])
+        if prof is not None:
+            report["profile"] = prof
+            log(f"profile: vanilla {prof['vanilla']['wall_ms_per_step']:.2f} ms/step, "
+                f"{prof['vanilla']['ops_per_step']:.0f} ops; medusa "
+                f"{prof['medusa']['wall_ms_per_step']:.2f} ms/step, "
+                f"{prof['medusa']['ops_per_step']:.0f} ops")
+        save_now()
 
     # 3. compiler figures beside the roofline and the measured steps
     if budget.ok("compiler figures", 60):
