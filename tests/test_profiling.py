@@ -2,6 +2,7 @@
 phases (the named scopes of the Medusa and vanilla steps), from a real trace on this CPU."""
 
 import jax
+import pytest
 
 from medusa_jax import profiling
 from medusa_jax.decoding.common import GenerationSettings
@@ -88,3 +89,56 @@ def test_trace_of_a_vanilla_loop_is_attributed_to_its_phases(tiny_cfg, tiny_para
     assert phases["accept"] > 0 and phases["commit"] > 0
     assert phases.get("unattributed", 0.0) < 0.1 * s["op_ms_per_step"], phases
     assert jax.default_backend() == "cpu"
+
+
+class _Ev:
+    def __init__(self, name, start, dur, **stats):
+        self.name, self.start_ns, self.duration_ns = name, start, dur
+        self.stats = list(stats.items())
+
+
+class _Line:
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+
+class _Plane:
+    def __init__(self, name, lines):
+        self.name, self.lines = name, lines
+
+
+def test_device_planes_win_over_host_events(monkeypatch):
+    """A GPU trace: kernels on the stream lines (named by their hlo_op statistic where there is
+    one, else by the kernel's own name), host-side op events ignored, an "XLA Ops" line
+    preferred where a plane has one (it summarises the streams: counting both doubles)."""
+    planes = [
+        _Plane("/host:CPU", [_Line("python", [_Ev("wrapped_x", 0, 5, hlo_op="x.1")])]),
+        _Plane("/device:GPU:0", [
+            _Line("Stream #13(Compute)", [_Ev("loop_fusion_3", 10, 4, hlo_module="jit_f"),
+                                          _Ev("sm90_gemm", 20, 6, hlo_op="dot.2",
+                                              hlo_module="jit_f"),
+                                          _Ev("MemcpyD2H", 30, 1)]),
+            _Line("Launch Stats", [_Ev("ignored", 0, 100)])]),
+        _Plane("/device:TPU:0", [
+            _Line("XLA Ops", [_Ev("fusion.4", 40, 2, hlo_module="jit_f")]),
+            _Line("XLA Modules", [_Ev("jit_f", 40, 50)])]),
+    ]
+
+    class FakeData:
+        @staticmethod
+        def from_file(path):
+            return type("D", (), {"planes": planes})()
+
+    import jax.profiler
+
+    monkeypatch.setattr(jax.profiler, "ProfileData", FakeData)
+    events, source = profiling.read_events("trace.xplane.pb")
+    assert source == "device"
+    assert [(e.name, e.dur_ns) for e in events] == [
+        ("loop_fusion_3", 4), ("dot.2", 6), ("MemcpyD2H", 1), ("fusion.4", 2)]
+    names = {"loop_fusion_3": "jit(f)/while/body/verify/LlamaModel/layers_0/mlp/mul",
+             "dot.2": "jit(f)/while/body/verify/LlamaModel/layers_0/attn/dot_general",
+             "fusion.4": "jit(f)/while/body/commit/add"}
+    s = profiling.summarize(events, names, steps=1, wall_s=1e-4, module="jit_f")
+    assert s["copies"]["per_step"] == 1 and s["ops_per_step"] == 3
+    assert profiling.phase_totals(s) == pytest.approx({"verify": 10e-6, "commit": 2e-6})
