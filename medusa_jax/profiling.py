@@ -39,11 +39,11 @@ PARTS = [
     ("verify/dot_general", "LM head"),
     ("top_k", "top-k"),
     ("threefry", "random keys"),
-    ("commit_tree", "cache commit"),
     ("dynamic_update_slice", "cache / output writes"),
     ("scatter", "cache / output writes"),
     ("gather", "gathers"),
 ]
+# the decode steps' named scopes (medusa_jax.decoding.medusa / vanilla)
 PHASES = ("propose", "verify", "accept", "commit")
 # GPU kernels that are not XLA ops (named by the driver or a library)
 COPY_PREFIXES = ("Memcpy", "Memset", "memcpy", "memset")
@@ -54,7 +54,8 @@ def op_names(hlo_text: str) -> dict[str, str]:
     (``Compiled.as_text()``); each name also under its ``_`` spelling (GPU kernel names)."""
     out: dict[str, str] = {}
     inside: dict[str, str] = {}  # computation -> op_name of its root (else of its first op)
-    calls: dict[str, str] = {}  # instruction without metadata -> the computation it calls
+    # instruction without metadata -> (the computation it calls, its operands, is it a dot)
+    calls: dict[str, tuple[str | None, list[str], bool]] = {}
     dots: set[str] = set()  # computations with a dot (or convolution) in them
     comp = None
     for line in hlo_text.splitlines():
@@ -125,7 +126,7 @@ def classify(op_name: str | None) -> tuple[str, str]:
     under (``loop`` for the while loop's own ops, ``unattributed`` without metadata)."""
     if not op_name:
         return "unattributed", "no op_name metadata"
-    m = re.search(r"/while/body/(?:[^/]*/)*?(propose|verify|accept|commit)(?:/|$)", op_name)
+    m = re.search(r"/while/body/(?:[^/]*/)*?(" + "|".join(PHASES) + r")(?:/|$)", op_name)
     if m:
         phase = m.group(1)
     elif "/while/body" in op_name:
