@@ -171,6 +171,12 @@ def _follows(tokens, reference) -> bool:
     return all(list(t) == list(r[:len(t)]) for t, r in zip(tokens, reference))
 
 
+def _padded(tokens) -> list[list[int]]:
+    """Rows of output tokens as one rectangular reference for the oracle (zeros after a row)."""
+    width = max(len(t) for t in tokens)
+    return [list(t) + [0] * (width - len(t)) for t in tokens]
+
+
 def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, reference=None,
                passes: int = ORACLE_PASSES) -> dict:
     """One Medusa run (compile + warm-up, then measured). ``proposer``: ``heads``, ``oracle``
@@ -203,8 +209,7 @@ def run_medusa(m: Model, prompts, max_new: int, nodes: int, proposer: str, refer
         extra = {"oracle_passes": 1,
                  "oracle_first_accepted": float(sum(res["mean_accepted"]) / len(prompts))}
         while extra["oracle_passes"] < passes and not _follows(res["tokens"], reference):
-            width = max(len(t) for t in res["tokens"])
-            reference = [list(t) + [0] * (width - len(t)) for t in res["tokens"]]
+            reference = _padded(res["tokens"])
             params = with_reference(m.params, reference)
             res = medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose)
             extra["oracle_passes"] += 1
@@ -274,8 +279,7 @@ def profile_pair(m: Model, prompts, max_new: int, nodes: int, reference) -> dict
     van = profiling.profile(lambda: generate(m.cfg, m.params["base"], prompts, gen),
                             vanilla_decode, lambda r: r["steps"] - 1)
     st = make_settings(_tree(nodes), m.mcfg.num_heads, gen)
-    width = max(len(t) for t in reference)
-    params = with_reference(m.params, [list(t) + [0] * (width - len(t)) for t in reference])
+    params = with_reference(m.params, _padded(reference))
     propose = oracle_proposer(st.tree.depth, st.tree.topk)
     med = profiling.profile(
         lambda: medusa_generate(m.cfg, m.mcfg, params, prompts, st, propose=propose),
